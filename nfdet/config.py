@@ -1,0 +1,52 @@
+"""Config keys nfdet adds to a yacs/fvcore ``CfgNode``.
+
+``add_nfnet_config(cfg)`` works on detectron2's config and on the pretraining config alike and
+does not import detectron2. Call it before ``cfg.merge_from_file(...)``.
+"""
+
+from __future__ import annotations
+
+from fvcore.common.config import CfgNode as CN
+
+__all__ = ["add_nfnet_config", "add_agc_config"]
+
+
+def add_agc_config(cfg: CN) -> None:
+    """Add ``SOLVER.AGC.*`` (Adaptive Gradient Clipping, NFNET_REFERENCE.md) to ``cfg``.
+
+    Args:
+        cfg (CfgNode): a config; ``SOLVER`` is created when missing.
+    """
+    if "SOLVER" not in cfg:
+        cfg.SOLVER = CN()
+    cfg.SOLVER.AGC = CN()
+    cfg.SOLVER.AGC.ENABLED = True
+    # max ||G_i|| = CLIPPING * max(||W_i||, EPS), per output unit i.
+    cfg.SOLVER.AGC.CLIPPING = 0.01
+    cfg.SOLVER.AGC.EPS = 1e-3
+    # Parameters are clipped when their name matches one of INCLUDE and none of EXCLUDE
+    # (fnmatch patterns on the parameter name, a DDP "module." prefix removed).
+    cfg.SOLVER.AGC.INCLUDE = ["*"]
+    # DeepMind does not clip the final classifier weight.
+    cfg.SOLVER.AGC.EXCLUDE = ["head.fc.weight"]
+
+
+def add_nfnet_config(cfg: CN) -> None:
+    """Add nfdet's keys (``MODEL.NFNET.*``, ``SOLVER.AGC.*``) to ``cfg``.
+
+    Args:
+        cfg (CfgNode): detectron2's config (``get_cfg()``) or nfdet's pretraining config.
+    """
+    if "MODEL" not in cfg:
+        cfg.MODEL = CN()
+    cfg.MODEL.NFNET = CN()
+    # A name from nfdet.modeling.NFNET_VARIANTS ("F0".."F7", "F0+".."F7+", "nano").
+    cfg.MODEL.NFNET.VARIANT = "F0"
+    cfg.MODEL.NFNET.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    # Stochastic depth: block i of n is dropped with probability DROP_PATH_RATE * i / n.
+    cfg.MODEL.NFNET.DROP_PATH_RATE = 0.0
+    # res5 is the activated final 1x1 conv (2x the last stage width, as timm's feature list and
+    # the classifier see it). False: res5 is the raw last-stage residual stream and the final conv
+    # is not built.
+    cfg.MODEL.NFNET.RES5_FINAL_CONV = True
+    add_agc_config(cfg)

@@ -1,0 +1,283 @@
+"""NFNet trunk and classifier (Brock et al., "High-Performance Large-Scale Image Recognition
+Without Normalization", ICML 2021).
+
+Differences from the official implementation (DeepMind, JAX/Haiku):
+    - GELU is exact (``F.gelu``, as timm's PyTorch port of the released weights); DeepMind trained
+      with the tanh approximation, available as ``activation="gelu_tanh"``.
+    - Squeeze-excite uses ``nn.Linear`` as DeepMind does (timm uses 1x1 convs; the weights
+      reshape 1:1).
+    - Weights are PyTorch layouts (OIHW convs, out x in linears); ``nfdet.checkpoint`` converts.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .layers import GammaAct, ScaledStdConv2d, SqueezeExcite, StochasticDepth
+from .variants import NFNetSpec, get_variant
+
+__all__ = ["NFBlock", "NFStem", "NFNetTrunk", "NFNet", "build_nfnet", "STAGE_NAMES"]
+
+STAGE_NAMES = ("res2", "res3", "res4", "res5")
+STAGE_STRIDES = (1, 2, 2, 2)
+
+
+class NFBlock(nn.Module):
+    """Normalizer-free bottleneck block.
+
+    ``out = act(x) * beta``; the branch is 1x1 -> grouped 3x3 (stride) -> grouped 3x3 -> 1x1,
+    squeeze-excite (gate x 2), stochastic depth and a scalar ``skip_gain`` (init 0); the result is
+    ``branch * alpha + shortcut``. The shortcut is ``x``, or a 1x1 conv of ``act(x) * beta``
+    (after a 2x2 average pool when strided) when the shape changes.
+
+    Args:
+        in_channels (int): input channels.
+        out_channels (int): output channels.
+        bottleneck_channels (int): width of the grouped convs.
+        group_size (int): channels per group.
+        se_hidden (int): squeeze-excite hidden width.
+        stride (int): 1 or 2.
+        alpha (float): residual branch scale.
+        beta (float): 1 / expected std of the input.
+        drop_path_rate (float): stochastic depth rate.
+        activation (str): gamma-scaled nonlinearity name.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        bottleneck_channels: int,
+        group_size: int,
+        se_hidden: int,
+        stride: int = 1,
+        alpha: float = 0.2,
+        beta: float = 1.0,
+        drop_path_rate: float = 0.0,
+        activation: str = "gelu",
+    ):
+        super().__init__()
+        self.alpha = alpha
+        self.beta = beta
+        self.stride = stride
+        groups = bottleneck_channels // group_size
+        self.act = GammaAct(activation)
+        if stride > 1:
+            self.pool = nn.AvgPool2d(2, stride=2, ceil_mode=True, count_include_pad=False)
+        else:
+            self.pool = None
+        if stride > 1 or in_channels != out_channels:
+            self.shortcut = ScaledStdConv2d(in_channels, out_channels, 1)
+        else:
+            self.shortcut = None
+        self.conv1 = ScaledStdConv2d(in_channels, bottleneck_channels, 1)
+        self.conv2 = ScaledStdConv2d(
+            bottleneck_channels, bottleneck_channels, 3, stride=stride, groups=groups
+        )
+        self.conv2b = ScaledStdConv2d(bottleneck_channels, bottleneck_channels, 3, groups=groups)
+        self.conv3 = ScaledStdConv2d(bottleneck_channels, out_channels, 1)
+        self.se = SqueezeExcite(out_channels, se_hidden)
+        self.drop_path = StochasticDepth(drop_path_rate)
+        self.skip_gain = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.act(x) * self.beta
+        shortcut = x
+        if self.shortcut is not None:
+            # Average-pool downsampling (SAME: count only valid inputs), then a 1x1 projection.
+            shortcut = self.shortcut(self.pool(out) if self.pool is not None else out)
+        out = self.conv1(out)
+        out = self.conv2(self.act(out))
+        out = self.conv2b(self.act(out))
+        out = self.conv3(self.act(out))
+        # The x2 restores the variance halved by a sigmoid gate of ~0.5 at init.
+        out = out * (2.0 * self.se(out))
+        out = self.drop_path(out)
+        return out * (self.skip_gain * self.alpha) + shortcut
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, beta={self.beta:.6f}, stride={self.stride}"
+
+
+class NFStem(nn.Module):
+    """Deep stem, stride 4: 3x3/2 -> act -> 3x3 -> act -> 3x3 -> act -> 3x3/2 (no final act)."""
+
+    def __init__(self, in_channels: int, widths: tuple[int, ...], activation: str = "gelu"):
+        super().__init__()
+        c1, c2, c3, c4 = widths
+        self.conv1 = ScaledStdConv2d(in_channels, c1, 3, stride=2)
+        self.conv2 = ScaledStdConv2d(c1, c2, 3)
+        self.conv3 = ScaledStdConv2d(c2, c3, 3)
+        self.conv4 = ScaledStdConv2d(c3, c4, 3, stride=2)
+        self.act = GammaAct(activation)
+        self.out_channels = c4
+        self.stride = 4
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.conv1(x))
+        x = self.act(self.conv2(x))
+        x = self.act(self.conv3(x))
+        return self.conv4(x)
+
+
+class NFNetTrunk(nn.Module):
+    """Stem, stages and the final 1x1 conv: the part shared by the classifier and the detector.
+
+    The signal-propagation bookkeeping lives here and only here: ``expected_std`` is reset to 1 at
+    the first block of every stage (whose shortcut re-projects the stream) and grows as
+    ``sqrt(std**2 + alpha**2)`` after each block; each block's ``beta`` is ``1 / expected_std``
+    before its own update. Stochastic depth grows linearly with the global block index over the
+    *full* variant, so a truncated trunk keeps the rates of the full one.
+
+    Args:
+        spec (NFNetSpec): the architecture.
+        num_stages (int): how many stages to build (1..4); later ones are skipped entirely.
+        final_conv (bool): build the final 1x1 conv (requires all 4 stages).
+        drop_path_rate (float): stochastic depth rate of the last block.
+        in_channels (int): image channels.
+        activation (str | None): override the variant's nonlinearity.
+    """
+
+    def __init__(
+        self,
+        spec: NFNetSpec,
+        num_stages: int = 4,
+        final_conv: bool = True,
+        drop_path_rate: float = 0.0,
+        in_channels: int = 3,
+        activation: str | None = None,
+    ):
+        super().__init__()
+        if not 1 <= num_stages <= len(spec.depths):
+            raise ValueError(f"num_stages must be in 1..{len(spec.depths)}, got {num_stages}")
+        if final_conv and num_stages != len(spec.depths):
+            raise ValueError("final_conv=True needs every stage (num_stages=4)")
+        act = activation or spec.activation
+        self.spec = spec
+        self.stem = NFStem(in_channels, spec.stem_widths + (spec.stem_out,), act)
+        total_blocks = sum(spec.depths)
+        self.stages = nn.ModuleList()
+        self.stage_channels: list[int] = []
+        self.stage_strides: list[int] = []
+        channels, stride, block_idx = spec.stem_out, self.stem.stride, 0
+        for s in range(num_stages):
+            out_channels = spec.widths[s]
+            blocks = []
+            expected_std = 1.0
+            for b in range(spec.depths[s]):
+                blocks.append(
+                    NFBlock(
+                        channels,
+                        out_channels,
+                        bottleneck_channels=spec.bottleneck_width(out_channels),
+                        group_size=spec.group_size,
+                        se_hidden=max(1, int(out_channels * spec.se_ratio)),
+                        stride=STAGE_STRIDES[s] if b == 0 else 1,
+                        alpha=spec.alpha,
+                        beta=1.0 / expected_std,
+                        drop_path_rate=drop_path_rate * block_idx / total_blocks,
+                        activation=act,
+                    )
+                )
+                expected_std = (expected_std**2 + spec.alpha**2) ** 0.5
+                channels = out_channels
+                block_idx += 1
+            stride *= STAGE_STRIDES[s]
+            self.stages.append(nn.Sequential(*blocks))
+            self.stage_channels.append(out_channels)
+            self.stage_strides.append(stride)
+        if final_conv:
+            self.final_conv = ScaledStdConv2d(channels, spec.num_features, 1)
+            self.final_act = GammaAct(act)
+        else:
+            self.final_conv = None
+            self.final_act = None
+
+    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Return the output of every built stage (pre-activation residual streams)."""
+        x = self.stem(x)
+        outs = []
+        for stage in self.stages:
+            x = stage(x)
+            outs.append(x)
+        return outs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.forward_stages(x)[-1]
+        if self.final_conv is not None:
+            x = self.final_act(self.final_conv(x))
+        return x
+
+
+class NFNet(nn.Module):
+    """NFNet image classifier: trunk -> global average pool -> dropout -> linear.
+
+    Args:
+        spec (NFNetSpec): the architecture.
+        num_classes (int): classifier outputs.
+        drop_rate (float): dropout before the classifier (the recipe's per-variant value).
+        drop_path_rate (float): stochastic depth rate.
+        in_channels (int): image channels.
+        activation (str | None): override the variant's nonlinearity.
+    """
+
+    def __init__(
+        self,
+        spec: NFNetSpec,
+        num_classes: int = 1000,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        in_channels: int = 3,
+        activation: str | None = None,
+    ):
+        super().__init__()
+        self.spec = spec
+        self.num_classes = num_classes
+        self.trunk = NFNetTrunk(
+            spec, drop_path_rate=drop_path_rate, in_channels=in_channels, activation=activation
+        )
+        self.head = nn.Module()
+        self.head.drop = nn.Dropout(drop_rate)
+        self.head.fc = nn.Linear(spec.num_features, num_classes)
+        nn.init.normal_(self.head.fc.weight, 0.0, 0.01)
+        nn.init.zeros_(self.head.fc.bias)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last feature map before pooling (activated final conv)."""
+        return self.trunk(x)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head.fc(self.head.drop(features.mean(dim=(2, 3))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def build_nfnet(variant: str, num_classes: int = 1000, **overrides) -> NFNet:
+    """Build an NFNet classifier.
+
+    Args:
+        variant (str): a key of ``NFNET_VARIANTS`` ("F0".."F7", "F0+".."F7+", "nano").
+        num_classes (int): classifier outputs.
+        **overrides: ``drop_rate``, ``drop_path_rate``, ``in_channels``, ``activation``, or any
+            ``NFNetSpec`` field (e.g. ``depths=(1, 1, 1, 1)``) to change the architecture.
+
+    Raises:
+        ValueError: unknown variant (the message lists the valid ones) or unknown override.
+    """
+    spec = get_variant(variant)
+    spec_fields = set(NFNetSpec.__dataclass_fields__)
+    spec_overrides = {k: v for k, v in overrides.items() if k in spec_fields}
+    model_kwargs = {k: v for k, v in overrides.items() if k not in spec_fields}
+    allowed = {"drop_rate", "drop_path_rate", "in_channels", "activation"}
+    unknown = set(model_kwargs) - allowed
+    if unknown:
+        raise ValueError(
+            f"Unknown build_nfnet override(s) {sorted(unknown)}; valid: "
+            f"{sorted(allowed | spec_fields)}"
+        )
+    if spec_overrides:
+        spec = NFNetSpec(**{**spec.__dict__, **{k: tuple(v) if isinstance(v, list) else v
+                                               for k, v in spec_overrides.items()}})
+    return NFNet(spec, num_classes=num_classes, **model_kwargs)
