@@ -8,11 +8,12 @@
 #
 # Usage: scripts/install_detectron2.sh PYTHON [WHEEL]
 #   PYTHON  the interpreter of the target environment (e.g. .venv/bin/python)
-#   WHEEL   optional path to an already downloaded wheel file (skips the download)
+#   WHEEL   optional path to an already downloaded wheel file (skips the download); also read
+#           from $NFDET_DETECTRON2_WHEEL. Its sha256 is checked before anything is installed.
 set -euo pipefail
 
 PY=${1:?usage: install_detectron2.sh PYTHON [WHEEL]}
-WHEEL=${2:-}
+WHEEL=${2:-${NFDET_DETECTRON2_WHEEL:-}}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 D2_VERSION=0.7.2
 D2_SHA256=491af0c7f79bdb2d178e46f6cb16a97c4ac968d45c41ea3f6b6435d59bbee561
@@ -21,9 +22,6 @@ if "$PY" -c "import detectron2, detectron2.modeling" >/dev/null 2>&1; then
   echo "detectron2 already importable ($("$PY" -c 'import detectron2; print(detectron2.__version__, detectron2.__file__)')): keeping it."
   exit 0
 fi
-
-echo "Installing detectron2's runtime requirements ..."
-"$PY" -m pip install -q -r "$HERE/requirements-detectron2.txt"
 
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
@@ -46,6 +44,9 @@ if [ "$GOT" != "$D2_SHA256" ]; then
   echo "       The file is corrupted or not the pinned sal-detectron2==$D2_VERSION; refusing to install it." >&2
   exit 1
 fi
+
+echo "Installing detectron2's runtime requirements ..."
+"$PY" -m pip install -q -r "$HERE/requirements-detectron2.txt"
 
 SITE=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 echo "Installing $(basename "$WHEEL") (sha256 ok) into $SITE ..."
