@@ -124,11 +124,13 @@ class NFStem(nn.Module):
 class NFNetTrunk(nn.Module):
     """Stem, stages and the final 1x1 conv: the part shared by the classifier and the detector.
 
-    The signal-propagation bookkeeping lives here and only here: ``expected_std`` is reset to 1 at
-    the first block of every stage (whose shortcut re-projects the stream) and grows as
-    ``sqrt(std**2 + alpha**2)`` after each block; each block's ``beta`` is ``1 / expected_std``
-    before its own update. Stochastic depth grows linearly with the global block index over the
-    *full* variant, so a truncated trunk keeps the rates of the full one.
+    The signal-propagation bookkeeping lives here and only here: each block's ``beta`` is
+    ``1 / expected_std`` of its input; after a block ``expected_std`` grows as
+    ``sqrt(std**2 + alpha**2)``, except that after the first block of every stage (whose shortcut
+    re-projects the normalized stream) it is first reset to 1. The first block of a stage thus
+    still divides by the std accumulated over the previous stage (as DeepMind and timm do).
+    Stochastic depth grows linearly with the global block index over the *full*
+    variant, so a truncated trunk keeps the rates of the full one.
 
     Args:
         spec (NFNetSpec): the architecture.
@@ -161,10 +163,10 @@ class NFNetTrunk(nn.Module):
         self.stage_channels: list[int] = []
         self.stage_strides: list[int] = []
         channels, stride, block_idx = spec.stem_out, self.stem.stride, 0
+        expected_std = 1.0
         for s in range(num_stages):
             out_channels = spec.widths[s]
             blocks = []
-            expected_std = 1.0
             for b in range(spec.depths[s]):
                 blocks.append(
                     NFBlock(
@@ -180,6 +182,10 @@ class NFNetTrunk(nn.Module):
                         activation=act,
                     )
                 )
+                if b == 0:
+                    # The transition block's shortcut re-projects act(x) * beta (unit variance):
+                    # the stream is reset, then grows by alpha**2 per block.
+                    expected_std = 1.0
                 expected_std = (expected_std**2 + spec.alpha**2) ** 0.5
                 channels = out_channels
                 block_idx += 1
