@@ -72,9 +72,14 @@ class ScaledStdConv2d(nn.Conv2d):
     ``w_hat = gain * (w - mean(w)) / sqrt(max(var(w) * fan_in, eps))`` with mean/var over the fan-in
     of each output channel (DeepMind's formulation, ``eps = 1e-4``).
 
-    In eval mode with autograd off, the standardized weight is cached: it is recomputed only when
-    the weight or gain changed (any in-place update bumps their version counters), on ``train()``,
-    ``load_state_dict`` and device/dtype moves.
+    Inference cache: in eval mode, when no gradient flows to the weights (``torch.no_grad()``,
+    ``inference_mode`` or frozen parameters), the standardized weight is computed once and reused
+    until the weight or gain changes: any in-place write through the parameters (optimizer steps,
+    ``copy_``, ``load_state_dict``) bumps their version counters, and ``train()``/``eval()``,
+    ``load_state_dict`` and device/dtype moves drop the cache. Writes through ``param.data``
+    bypass PyTorch's version counters: after such writes call ``model.eval()`` (or
+    ``clear_cache()``) before the next forward. Under ``torch.compile`` nothing is cached (the
+    compiler fuses the standardization instead). The cache costs one extra copy of the weights.
 
     Args:
         in_channels, out_channels, kernel_size, stride, groups, bias: as ``nn.Conv2d``.
@@ -127,14 +132,21 @@ class ScaledStdConv2d(nn.Conv2d):
             or torch.compiler.is_compiling()
         ):
             return self.standardized_weight()
+        weight, gain = self.weight, self.gain
         key = (
-            self.weight._version, self.gain._version, self.weight.data_ptr(),
-            self.gain.data_ptr(), self.weight.dtype, self.weight.device,
+            weight._version, gain._version, weight.data_ptr(), gain.data_ptr(), weight.dtype,
+            weight.device, weight.shape,
         )
-        if self._cache is None or self._cache[0] != key:
-            with torch.no_grad():
-                self._cache = (key, self.standardized_weight())
-        return self._cache[1]
+        cache = self._cache
+        # The cache holds the tensors it was computed from, so their memory cannot be reused by
+        # other tensors while it lives: an equal data_ptr then means the same storage, and an
+        # equal version counter means no in-place write through the parameter since.
+        if cache is None or cache[0] != key or cache[1] is not weight or cache[2] is not gain:
+            # A normal tensor even under inference_mode, so it can be served outside it later.
+            with torch.inference_mode(False), torch.no_grad():
+                cache = (key, weight, gain, self.standardized_weight())
+            self._cache = cache
+        return cache[3]
 
     def clear_cache(self) -> None:
         self._cache = None
