@@ -37,9 +37,12 @@ def add_nfnet_config(cfg: CN) -> None:
     Args:
         cfg (CfgNode): detectron2's config (``get_cfg()``) or nfdet's pretraining config.
     """
+    # New nodes take cfg's own class: yacs refuses to merge a YAML's detectron2 CfgNode into an
+    # fvcore CfgNode ("Type mismatch ... for config key: MODEL.NFNET").
+    node = type(cfg)
     if "MODEL" not in cfg:
-        cfg.MODEL = CN()
-    cfg.MODEL.NFNET = CN()
+        cfg.MODEL = node()
+    cfg.MODEL.NFNET = node()
     # A name from nfdet.modeling.NFNET_VARIANTS ("F0".."F7", "F0+".."F7+", "nano").
     cfg.MODEL.NFNET.VARIANT = "F0"
     cfg.MODEL.NFNET.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
@@ -50,3 +53,5 @@ def add_nfnet_config(cfg: CN) -> None:
     # is not built.
     cfg.MODEL.NFNET.RES5_FINAL_CONV = True
     add_agc_config(cfg)
+    if type(cfg.SOLVER.AGC) is not node:  # same merge rule for the AGC node
+        cfg.SOLVER.AGC = node(cfg.SOLVER.AGC)

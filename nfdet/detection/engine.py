@@ -1,0 +1,191 @@
+"""Command-line plumbing shared by ``tools/train_net.py`` and ``tools/demo.py``.
+
+detectron2's standard command line plus: ``--config`` as an alias of ``--config-file``, a bare
+config name resolved under the repository's ``configs/``, and ``--register-coco NAME JSON
+IMAGE_DIR`` (repeatable) to use any COCO-format dataset in ``DATASETS.TRAIN`` / ``DATASETS.TEST``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from detectron2.config import CfgNode
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import register_coco_instances
+from detectron2.engine import default_argument_parser, default_setup, launch
+
+from .checkpoint import NFNetCheckpointer
+from .config import get_nfdet_cfg
+from .trainer import NFNetTrainer
+
+__all__ = [
+    "CONFIGS_DIR",
+    "add_nfdet_arguments",
+    "train_argument_parser",
+    "resolve_config_file",
+    "register_coco_datasets",
+    "setup_cfg",
+    "setup",
+    "train_main",
+    "launch_train",
+]
+
+# The repository's configs/ (nfdet is installed editable from the repository root).
+CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+def add_nfdet_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add ``--config`` (alias of ``--config-file``) and ``--register-coco`` to ``parser``.
+
+    ``--config`` is declared explicitly: argparse's prefix matching would otherwise stop
+    accepting it as soon as another option starts with ``--config``.
+    """
+    parser.add_argument(
+        "--config", dest="config_file", default=argparse.SUPPRESS, metavar="FILE",
+        help="alias of --config-file; a bare name (nfnet_f0_mask_rcnn.yaml) is looked up in "
+        "configs/",
+    )
+    parser.add_argument(
+        "--register-coco", nargs=3, action="append", default=[],
+        metavar=("NAME", "JSON", "IMAGE_DIR"),
+        help="register a COCO-format dataset under NAME (repeatable); use NAME in "
+        "DATASETS.TRAIN / DATASETS.TEST",
+    )
+    return parser
+
+
+def train_argument_parser() -> argparse.ArgumentParser:
+    """detectron2's ``default_argument_parser`` with nfdet's additions."""
+    return add_nfdet_arguments(default_argument_parser())
+
+
+def resolve_config_file(name: str, configs_dir: str | os.PathLike | None = None) -> str:
+    """Return the path of a config: ``name`` itself when it is a file, else the unique file under
+    ``configs_dir`` (recursively) whose path ends with ``name`` (".yaml" may be left out).
+
+    Args:
+        name (str): a path, or a name such as ``nfnet_f0_mask_rcnn.yaml`` /
+            ``quick/nfnet_nano_mask_rcnn_instant``.
+        configs_dir (str | None): where to search; the repository's ``configs/`` by default.
+
+    Raises:
+        FileNotFoundError: nothing matches (the message lists close names), or several do.
+    """
+    if not name:
+        raise FileNotFoundError("No config given: pass --config-file/--config FILE")
+    if os.path.isfile(name):
+        return name
+    root = Path(configs_dir) if configs_dir is not None else CONFIGS_DIR
+    wanted = name if name.endswith((".yaml", ".yml")) else name + ".yaml"
+    wanted_parts = Path(wanted).parts
+    available = sorted(p for p in root.rglob("*.y*ml") if p.is_file()) if root.is_dir() else []
+    matches = [p for p in available if p.parts[-len(wanted_parts):] == wanted_parts]
+    if len(matches) == 1:
+        return str(matches[0])
+    relative = [str(p.relative_to(root)) for p in available]
+    if len(matches) > 1:
+        raise FileNotFoundError(
+            f"Config {name!r} is ambiguous under {root}: "
+            + ", ".join(str(p.relative_to(root)) for p in matches)
+        )
+    close = difflib.get_close_matches(wanted, relative, n=5, cutoff=0.5) or relative
+    raise FileNotFoundError(
+        f"Config {name!r} is neither a file nor a config under {root}. "
+        f"Candidates: {', '.join(close) if close else '(none)'}"
+    )
+
+
+def register_coco_datasets(specs: Sequence[Sequence[str]]) -> None:
+    """Register COCO-format datasets with detectron2's ``register_coco_instances``.
+
+    Registering a name again with the same files is a no-op (launched workers repeat it).
+
+    Args:
+        specs (sequence of (name, json_file, image_dir)): the ``--register-coco`` values.
+
+    Raises:
+        FileNotFoundError: a JSON file or image directory does not exist.
+        ValueError: the name is already registered with other files (e.g. a builtin dataset).
+    """
+    for spec in specs:
+        name, json_file, image_dir = spec
+        if not os.path.isfile(json_file):
+            raise FileNotFoundError(f"--register-coco {name}: annotation file {json_file} missing")
+        if not os.path.isdir(image_dir):
+            raise FileNotFoundError(f"--register-coco {name}: image directory {image_dir} missing")
+        json_file, image_dir = os.path.abspath(json_file), os.path.abspath(image_dir)
+        if name in DatasetCatalog.list():
+            meta = MetadataCatalog.get(name)
+            if (
+                getattr(meta, "json_file", None) == json_file
+                and getattr(meta, "image_root", None) == image_dir
+            ):
+                continue
+            raise ValueError(
+                f"--register-coco {name}: a dataset of that name is already registered "
+                f"(json_file={getattr(meta, 'json_file', None)}); choose another name"
+            )
+        register_coco_instances(name, {}, json_file, image_dir)
+
+
+def setup_cfg(args: argparse.Namespace, freeze: bool = True) -> CfgNode:
+    """Config from ``args.config_file`` (resolved) and ``args.opts``.
+
+    Args:
+        args (Namespace): parsed command line.
+        freeze (bool): freeze the config.
+    """
+    cfg = get_nfdet_cfg()
+    args.config_file = resolve_config_file(args.config_file)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts or [])
+    if freeze:
+        cfg.freeze()
+    return cfg
+
+
+def setup(args: argparse.Namespace) -> CfgNode:
+    """Register ``--register-coco`` datasets, build the frozen config, and run detectron2's
+    ``default_setup`` (logger, environment log, config saved to ``OUTPUT_DIR``)."""
+    register_coco_datasets(args.register_coco)
+    cfg = setup_cfg(args)
+    default_setup(cfg, args)
+    return cfg
+
+
+def train_main(args: argparse.Namespace, trainer_cls: type = NFNetTrainer):
+    """Train, or evaluate with ``--eval-only``; runs in every launched process.
+
+    Returns:
+        dict | None: evaluation results (None when training without evaluation).
+    """
+    cfg = setup(args)
+    if args.eval_only:
+        model = trainer_cls.build_model(cfg)
+        NFNetCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        return trainer_cls.test(cfg, model)
+    trainer = trainer_cls(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def launch_train(argv: Sequence[str] | None = None, main=train_main):
+    """Parse ``argv`` and ``launch`` ``main(args)`` on ``--num-gpus`` processes per machine."""
+    args = train_argument_parser().parse_args(argv)
+    # Fail before spawning workers when the config cannot be found.
+    args.config_file = resolve_config_file(args.config_file)
+    print("Command Line Args:", args)
+    return launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
