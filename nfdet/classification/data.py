@@ -1,0 +1,319 @@
+"""Classification datasets and loaders for pretraining.
+
+Two dataset formats (``DATA.FORMAT``):
+
+- ``"folder"``: ImageNet's layout, ``ROOT/train/<class>/<image>`` and ``ROOT/val/<class>/<image>``;
+  classes are the sorted folder names (as torchvision's ImageFolder), scanned with ``os.scandir``.
+- ``"filelist"``: a UTF-8 text file with one ``relative/path label`` line per image (paths relative
+  to ``DATA.ROOT``, the label an integer after the last space). This is the path for datasets a
+  folder walk cannot serve (tens of millions of images, network file systems): the list is read
+  once, sequentially, and ``write_file_list`` makes one from a folder dataset.
+
+Paths are kept in one numpy byte buffer plus offsets rather than a Python list, so DataLoader
+workers (forked) do not touch millions of refcounts and copy the parent's memory page by page.
+
+Sampling: ``EpochBatchSampler`` shuffles each epoch with a generator seeded by ``(seed, epoch)``,
+drops the incomplete last global batch, gives process ``r`` of ``W`` the ``r``-th slice of every
+global batch, and can start in the middle of an epoch (resume). Every sample carries its own seed
+(from ``(seed, epoch, position)``), and the dataset runs its random transform under that seed, so
+augmentation does not depend on the number of workers, their scheduling or on a resume.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ClassificationDataset",
+    "scan_image_folder",
+    "read_file_list",
+    "write_file_list",
+    "EpochBatchSampler",
+    "build_dataset",
+    "build_train_loader",
+    "build_test_loader",
+]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".webp", ".tif", ".tiff")
+
+
+class _PathTable:
+    """Many strings stored as one byte buffer and offsets (fork/copy-on-write friendly)."""
+
+    def __init__(self, paths: Sequence[str]):
+        encoded = [p.encode("utf-8") for p in paths]
+        self._offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(b) for b in encoded], out=self._offsets[1:])
+        self._buffer = np.frombuffer(b"".join(encoded), dtype=np.uint8).copy()
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, i: int) -> str:
+        return self._buffer[self._offsets[i]:self._offsets[i + 1]].tobytes().decode("utf-8")
+
+
+def scan_image_folder(root: str) -> tuple[list[str], list[int], list[str]]:
+    """List the images of an ImageNet-style folder.
+
+    Args:
+        root (str): a folder of class folders.
+
+    Returns:
+        tuple: (paths relative to ``root``, labels, class names sorted).
+
+    Raises:
+        FileNotFoundError: ``root`` does not exist.
+        ValueError: no class folders, or a class folder without images (named).
+    """
+    if not os.path.isdir(root):
+        raise FileNotFoundError(
+            f"Dataset folder {root!r} does not exist (expected ROOT/<split>/<class>/<image>; "
+            "set DATA.ROOT / DATA.TRAIN_SPLIT / DATA.VAL_SPLIT)"
+        )
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    if not classes:
+        raise ValueError(f"Dataset folder {root!r} has no class sub-folders")
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        files = sorted(
+            e.name
+            for e in os.scandir(os.path.join(root, name))
+            if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)
+        )
+        if not files:
+            raise ValueError(
+                f"Class folder {os.path.join(root, name)!r} holds no images "
+                f"(extensions {', '.join(IMAGE_EXTENSIONS)})"
+            )
+        paths.extend(f"{name}/{f}" for f in files)
+        labels.extend([label] * len(files))
+    return paths, labels, classes
+
+
+def read_file_list(path: str) -> tuple[list[str], list[int]]:
+    """Read a ``relative/path label`` file list (the label after the last space).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: a malformed line (file and line number named) or an empty list.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"File list {path!r} does not exist (DATA.FORMAT 'filelist')")
+    paths, labels = [], []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.rstrip("\n")
+            if not line.strip():
+                continue
+            rel, _, label = line.rpartition(" ")
+            try:
+                value = int(label)
+            except ValueError:
+                value = -1
+            if not rel or value < 0:
+                raise ValueError(
+                    f"{path}:{lineno}: expected 'relative/path label' with an integer label "
+                    f">= 0, got {line!r}"
+                )
+            paths.append(rel)
+            labels.append(value)
+    if not paths:
+        raise ValueError(f"File list {path!r} is empty")
+    return paths, labels
+
+
+def write_file_list(folder: str, out_path: str) -> int:
+    """Write the file list of an ImageNet-style folder (paths relative to the folder's parent).
+
+    Use it once to turn ``ROOT/train`` into ``ROOT/train.txt`` for ``DATA.FORMAT 'filelist'``.
+
+    Returns:
+        int: number of images listed.
+    """
+    paths, labels, _ = scan_image_folder(folder)
+    prefix = os.path.basename(os.path.normpath(folder))
+    tmp = out_path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for p, label in zip(paths, labels):
+            f.write(f"{prefix}/{p} {label}\n")
+    os.replace(tmp, out_path)
+    return len(paths)
+
+
+class ClassificationDataset(Dataset):
+    """Images and integer labels; a sample is ``(uint8 CHW tensor, label)``.
+
+    Indexing with ``(index, seed)`` runs the transform under ``torch.manual_seed(seed)`` (in a
+    forked RNG, so the caller's stream is untouched); a plain ``index`` uses the ambient RNG.
+
+    Args:
+        root (str): folder the paths are relative to.
+        paths (list[str]): image paths.
+        labels (list[int]): labels.
+        transform (callable): PIL image -> tensor.
+        classes (list[str] | None): class names, when known.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        paths: Sequence[str],
+        labels: Sequence[int],
+        transform: Callable,
+        classes: Sequence[str] | None = None,
+    ):
+        self.root = root
+        self._paths = _PathTable(paths)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.transform = transform
+        self.classes = list(classes) if classes is not None else None
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def path(self, index: int) -> str:
+        return os.path.join(self.root, self._paths[index])
+
+    def _load(self, index: int) -> torch.Tensor:
+        path = self.path(index)
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB")
+        except OSError as e:
+            raise OSError(f"Cannot read image {path!r}: {e}") from e
+        return self.transform(img)
+
+    def __getitem__(self, item) -> tuple[torch.Tensor, int]:
+        if isinstance(item, tuple):
+            index, seed = item
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                image = self._load(index)
+        else:
+            index = item
+            image = self._load(index)
+        return image, int(self.labels[index])
+
+
+def build_dataset(cfg, split: str, transform: Callable) -> ClassificationDataset:
+    """Build the train or val dataset from ``cfg.DATA``.
+
+    Args:
+        cfg (CfgNode): the config.
+        split (str): "train" or "val".
+        transform (callable): the per-image transform.
+
+    Raises:
+        FileNotFoundError / ValueError: missing folder or list, empty class, bad label (named).
+    """
+    data = cfg.DATA
+    name = data.TRAIN_SPLIT if split == "train" else data.VAL_SPLIT
+    fmt = data.FORMAT.lower()
+    if fmt == "folder":
+        root = os.path.join(data.ROOT, name)
+        paths, labels, classes = scan_image_folder(root)
+    elif fmt == "filelist":
+        root = data.ROOT
+        paths, labels = read_file_list(os.path.join(data.ROOT, name))
+        classes = None
+    else:
+        raise ValueError(f"DATA.FORMAT must be 'folder' or 'filelist', got {data.FORMAT!r}")
+    num_classes = cfg.MODEL.NUM_CLASSES
+    if max(labels) >= num_classes:
+        raise ValueError(
+            f"The {split} data at {os.path.join(data.ROOT, name)!r} has label {max(labels)} "
+            f"(classes: {max(labels) + 1}), but MODEL.NUM_CLASSES is {num_classes}"
+        )
+    return ClassificationDataset(root, paths, labels, transform, classes)
+
+
+class EpochBatchSampler(Sampler):
+    """Per-process batches of ``(index, sample_seed)`` for one epoch at a time, resumable.
+
+    Args:
+        dataset_size (int): number of samples.
+        global_batch (int): images per step over all processes.
+        rank (int): this process.
+        world_size (int): number of processes.
+        seed (int): base seed.
+    """
+
+    def __init__(self, dataset_size: int, global_batch: int, rank: int, world_size: int,
+                 seed: int):
+        if global_batch % world_size:
+            raise ValueError(
+                f"SOLVER.IMS_PER_BATCH ({global_batch}) must be divisible by the number of "
+                f"processes ({world_size})"
+            )
+        self.steps_per_epoch = dataset_size // global_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"SOLVER.IMS_PER_BATCH ({global_batch}) is larger than the training set "
+                f"({dataset_size} images)"
+            )
+        self.dataset_size = dataset_size
+        self.global_batch = global_batch
+        self.local_batch = global_batch // world_size
+        self.rank = rank
+        self.seed = seed
+        self.epoch = 0
+        self.start_step = 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Select the epoch and the step within it to start from (for resuming)."""
+        self.epoch = epoch
+        self.start_step = start_step
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch - self.start_step
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        order = torch.randperm(self.dataset_size, generator=g).tolist()
+        # One seed per position in the epoch: the same sample sees the same augmentation
+        # whichever process, worker or resumed run loads it.
+        seeds = torch.randint(2**62, (self.dataset_size,), generator=g).tolist()
+        for step in range(self.start_step, self.steps_per_epoch):
+            begin = step * self.global_batch + self.rank * self.local_batch
+            yield [(order[p], seeds[p]) for p in range(begin, begin + self.local_batch)]
+
+
+def _loader_kwargs(cfg) -> dict:
+    workers = cfg.DATA.NUM_WORKERS
+    kwargs = {"num_workers": workers, "pin_memory": torch.cuda.is_available()}
+    if workers > 0:
+        kwargs.update(persistent_workers=True, prefetch_factor=cfg.DATA.PREFETCH_FACTOR)
+    return kwargs
+
+
+def build_train_loader(cfg, dataset: Dataset, rank: int, world_size: int
+                       ) -> tuple[DataLoader, EpochBatchSampler]:
+    """The train loader and its sampler (call ``sampler.set_epoch`` before each epoch)."""
+    sampler = EpochBatchSampler(len(dataset), cfg.SOLVER.IMS_PER_BATCH, rank, world_size,
+                                max(cfg.SEED, 0))
+    # A private generator: creating an iterator must not consume the global torch RNG.
+    loader = DataLoader(dataset, batch_sampler=sampler, generator=torch.Generator(),
+                        **_loader_kwargs(cfg))
+    return loader, sampler
+
+
+def build_test_loader(cfg, dataset: Dataset, rank: int, world_size: int) -> DataLoader:
+    """Eval loader over this process's shard ``rank::world_size`` (no padding, no duplicates)."""
+    indices = list(range(rank, len(dataset), world_size))
+    kwargs = _loader_kwargs(cfg)
+    kwargs["persistent_workers"] = False
+    return DataLoader(
+        torch.utils.data.Subset(dataset, indices),
+        batch_size=cfg.TEST.IMS_PER_BATCH,
+        shuffle=False,
+        generator=torch.Generator(),
+        **kwargs,
+    )

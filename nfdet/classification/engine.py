@@ -1,0 +1,514 @@
+"""The pretraining loop: model, optimizer, schedule, EMA, evaluation, checkpoints and logging.
+
+One ``PretrainTrainer`` per process. With several processes (``launch``), the model is wrapped in
+DistributedDataParallel: gradients are averaged by the all-reduce in ``backward()``, and AGC runs
+inside ``optimizer.step()``, i.e. on the averaged (and, with fp16, unscaled) gradients.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from nfdet.modeling import build_nfnet, canonical_name
+from nfdet.solver import build_optimizer, get_agc_stats
+
+from .checkpoint import (
+    find_last_checkpoint,
+    get_rng_state,
+    load_checkpoint_file,
+    save_training_checkpoint,
+    set_rng_state,
+)
+from .config import scaled_lr
+from .data import build_dataset, build_test_loader, build_train_loader
+from .ema import ModelEMA
+from .transforms import (
+    build_test_transform,
+    build_train_transform,
+    mix_batch,
+    normalize_batch,
+    soft_targets,
+)
+
+__all__ = [
+    "PretrainTrainer",
+    "build_pretrain_model",
+    "lr_factor",
+    "evaluate",
+    "export_backbone",
+    "get_rank",
+    "get_world_size",
+]
+
+logger = logging.getLogger("nfdet.pretrain")
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_pretrain_model(cfg) -> nn.Module:
+    """The NFNet classifier of ``cfg`` (variant, classes, dropout, stochastic depth)."""
+    return build_nfnet(
+        cfg.MODEL.NFNET.VARIANT,
+        num_classes=cfg.MODEL.NUM_CLASSES,
+        drop_rate=cfg.MODEL.DROPOUT,
+        drop_path_rate=cfg.MODEL.NFNET.DROP_PATH_RATE,
+    )
+
+
+def lr_factor(step: int, max_iter: int, warmup_iters: int) -> float:
+    """Multiplier of the learning rate at (0-based) ``step``: linear warmup from 0, cosine to 0.
+
+    Args:
+        step (int): the step about to be taken.
+        max_iter (int): schedule length.
+        warmup_iters (int): warmup length.
+    """
+    if step < warmup_iters:
+        return step / warmup_iters
+    decay = max(max_iter - warmup_iters, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup_iters, decay) / decay))
+
+
+def _autocast_dtype(cfg, device: torch.device) -> torch.dtype | None:
+    if device.type != "cuda" or not cfg.SOLVER.AMP.ENABLED:
+        return None
+    dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+    if cfg.SOLVER.AMP.DTYPE not in dtypes:
+        raise ValueError(
+            f"SOLVER.AMP.DTYPE must be 'bfloat16' or 'float16', got {cfg.SOLVER.AMP.DTYPE!r}"
+        )
+    return dtypes[cfg.SOLVER.AMP.DTYPE]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, mean: torch.Tensor,
+             std: torch.Tensor, amp_dtype: torch.dtype | None = None,
+             channels_last: bool = False) -> dict[str, float]:
+    """Top-1, top-5 and cross-entropy over the loader, summed over all processes.
+
+    Args:
+        model (nn.Module): the classifier (not DDP-wrapped).
+        loader: this process's shard of the eval set (uint8 images, labels).
+        device (torch.device): where to run.
+        mean, std (Tensor): (1, 3, 1, 1) normalization on the 0-255 scale.
+        amp_dtype (torch.dtype | None): autocast dtype on GPU.
+        channels_last (bool): feed channels_last tensors.
+
+    Returns:
+        dict: ``{"top1": %, "top5": %, "loss": float, "count": int}``.
+    """
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)
+    for images, labels in loader:
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        x = normalize_batch(images, mean, std, torch.float32)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                            enabled=amp_dtype is not None):
+            logits = model(x)
+        logits = logits.float()
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        hit = top == labels[:, None]
+        totals += torch.stack([
+            hit[:, 0].sum().double(),
+            hit.any(dim=1).sum().double(),
+            F.cross_entropy(logits, labels, reduction="sum").double(),
+            torch.tensor(labels.shape[0], dtype=torch.float64, device=device),
+        ])
+    if get_world_size() > 1:
+        dist.all_reduce(totals)
+    model.train(was_training)
+    n = max(totals[3].item(), 1.0)
+    return {"top1": 100.0 * totals[0].item() / n, "top5": 100.0 * totals[1].item() / n,
+            "loss": totals[2].item() / n, "count": int(totals[3].item())}
+
+
+def export_backbone(model: nn.Module, path: str, meta: dict[str, Any]) -> None:
+    """Write an nfdet checkpoint ``{"model": classifier state dict, "meta": meta}`` atomically."""
+    from nfdet.checkpoint import save_checkpoint
+
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    save_checkpoint({"model": state, "meta": dict(meta)}, path)
+
+
+class _MetricsWriter:
+    """JSON lines (``metrics.jsonl``, appended) and TensorBoard scalars, process 0 only."""
+
+    def __init__(self, output_dir: str, tensorboard: bool):
+        self._file = open(os.path.join(output_dir, "metrics.jsonl"), "a")
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(os.path.join(output_dir, "tb"))
+            except ImportError as e:
+                logger.warning("TensorBoard logging off (%s); set LOG.TENSORBOARD False", e)
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        self._file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and key != "epoch":
+                    self._tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+class PretrainTrainer:
+    """Trains an NFNet classifier with DeepMind's recipe (see ``nfdet.classification.config``).
+
+    Args:
+        cfg (CfgNode): a frozen pretraining config (``get_pretrain_cfg`` + yaml + overrides).
+    """
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.rank, self.world_size = get_rank(), get_world_size()
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", torch.cuda.current_device())
+            torch.backends.cudnn.benchmark = not cfg.CUDNN_DETERMINISTIC
+            torch.backends.cudnn.deterministic = cfg.CUDNN_DETERMINISTIC
+        else:
+            self.device = torch.device("cpu")
+        self.seed = cfg.SEED if cfg.SEED >= 0 else self._shared_random_seed()
+        self.amp_dtype = _autocast_dtype(cfg, self.device)
+        self.channels_last = bool(cfg.MODEL.CHANNELS_LAST)
+        self.variant = canonical_name(cfg.MODEL.NFNET.VARIANT)
+
+        # Same init on every process (DDP also broadcasts rank 0's weights).
+        _seed_all(self.seed)
+        self.model = build_pretrain_model(cfg).to(self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        if cfg.MODEL.WEIGHTS:
+            self._load_initial_weights(cfg.MODEL.WEIGHTS)
+        # Per-process streams for dropout / stochastic depth.
+        _seed_all(self.seed + 1 + self.rank)
+
+        opt_cfg = cfg.clone()
+        opt_cfg.defrost()
+        opt_cfg.SOLVER.BASE_LR = scaled_lr(cfg)
+        self.optimizer = build_optimizer(opt_cfg, self.model)
+        for group in self.optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+        self.scaler = None
+        if self.amp_dtype == torch.float16:
+            self.scaler = torch.amp.GradScaler("cuda")
+        self.ema = ModelEMA(self.model, cfg.SOLVER.EMA.DECAY) if cfg.SOLVER.EMA.ENABLED else None
+
+        self.ddp_model: nn.Module = self.model
+        if self.world_size > 1:
+            self.ddp_model = nn.parallel.DistributedDataParallel(
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False,
+            )
+
+        self.mean = torch.tensor(cfg.DATA.PIXEL_MEAN, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(cfg.DATA.PIXEL_STD, device=self.device).view(1, 3, 1, 1)
+        self.train_set = build_dataset(cfg, "train", build_train_transform(cfg))
+        self.train_loader, self.sampler = build_train_loader(
+            cfg, self.train_set, self.rank, self.world_size
+        )
+        self.val_loader = None
+        if cfg.DATA.VAL_SPLIT:
+            val_set = build_dataset(cfg, "val", build_test_transform(cfg))
+            self.val_loader = build_test_loader(cfg, val_set, self.rank, self.world_size)
+
+        self.steps_per_epoch = self.sampler.steps_per_epoch
+        self.max_iter = cfg.SOLVER.MAX_ITER or cfg.SOLVER.EPOCHS * self.steps_per_epoch
+        self.warmup_iters = min(round(cfg.SOLVER.WARMUP_EPOCHS * self.steps_per_epoch),
+                                self.max_iter)
+        self.step = 0
+
+    # ----------------------------------------------------------------------------------- set-up
+    def _shared_random_seed(self) -> int:
+        seed = [int.from_bytes(os.urandom(4), "little") % 2**31]
+        if self.world_size > 1:
+            dist.broadcast_object_list(seed, src=0)
+        return seed[0]
+
+    def _load_initial_weights(self, path: str) -> None:
+        state = load_checkpoint_file(path)["model"]
+        own = self.model.state_dict()
+        skipped = [k for k in ("head.fc.weight", "head.fc.bias")
+                   if k in state and state[k].shape != own[k].shape]
+        for k in skipped:
+            del state[k]
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if k not in skipped]
+        if missing or unexpected:
+            raise ValueError(
+                f"MODEL.WEIGHTS {path!r} does not fit NFNet {self.variant}: missing "
+                f"{missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        if skipped:
+            logger.warning("MODEL.WEIGHTS: classifier of another size skipped (%s)", skipped)
+        logger.info("Initial weights loaded from %s", path)
+
+    def resume_or_load(self, resume: bool) -> None:
+        """With ``resume``, restore the newest checkpoint of ``OUTPUT_DIR`` if there is one.
+
+        Without a checkpoint, training starts from scratch (as detectron2 does) and a warning
+        says so.
+        """
+        if not resume:
+            return
+        path = find_last_checkpoint(self.cfg.OUTPUT_DIR)
+        if path is None:
+            logger.warning("--resume: no checkpoint in %s; starting from scratch",
+                           self.cfg.OUTPUT_DIR)
+            return
+        ckpt = load_checkpoint_file(path)
+        if ckpt.get("steps_per_epoch") != self.steps_per_epoch:
+            raise ValueError(
+                f"{path} was written with {ckpt.get('steps_per_epoch')} steps per epoch, this run "
+                f"has {self.steps_per_epoch} (dataset or SOLVER.IMS_PER_BATCH changed)"
+            )
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.ema is not None and ckpt.get("ema") is not None:
+            self.ema.load_state_dict(ckpt["ema"])
+        if self.scaler is not None and ckpt.get("grad_scaler") is not None:
+            self.scaler.load_state_dict(ckpt["grad_scaler"])
+        self.step = int(ckpt["step"])
+        rng = ckpt.get("rng") or []
+        if ckpt.get("world_size") == self.world_size and len(rng) == self.world_size:
+            set_rng_state(rng[self.rank])
+        else:
+            logger.warning("Checkpoint from %s processes, now %d: RNG streams re-seeded",
+                           ckpt.get("world_size"), self.world_size)
+            _seed_all(self.seed + 1 + self.rank + 7919 * self.step)
+        logger.info("Resumed from %s at step %d (epoch %d)", path, self.step,
+                    self.step // self.steps_per_epoch)
+
+    # -------------------------------------------------------------------------------- training
+    def _set_lr(self, step: int) -> float:
+        factor = lr_factor(step, self.max_iter, self.warmup_iters)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+        return self.optimizer.param_groups[0]["lr"]
+
+    def run_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """One optimization step; returns (loss, correct top-1 count) as device tensors."""
+        cfg = self.cfg
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        x = normalize_batch(images, self.mean, self.std, torch.float32)
+        targets = soft_targets(labels, cfg.MODEL.NUM_CLASSES, cfg.INPUT.LABEL_SMOOTHING)
+        if cfg.INPUT.MIXUP_ALPHA > 0 or cfg.INPUT.CUTMIX_ALPHA > 0:
+            rng = np.random.default_rng([self.seed, self.step, self.rank])
+            x, targets = mix_batch(x, targets, cfg.INPUT.MIXUP_ALPHA, cfg.INPUT.CUTMIX_ALPHA, rng)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            logits = self.ddp_model(x)
+        loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=1), dim=1).mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)  # unscales first: AGC sees true gradients
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        correct = (logits.detach().argmax(dim=1) == labels).sum()
+        return loss.detach(), correct
+
+    def checkpoint_state(self) -> dict:
+        """The full training state (call on every process: RNG states are gathered)."""
+        rng = [get_rng_state()]
+        if self.world_size > 1:
+            rng = [None] * self.world_size
+            dist.all_gather_object(rng, get_rng_state())
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "step": self.step,
+            "epoch": self.step // self.steps_per_epoch,
+            "step_in_epoch": self.step % self.steps_per_epoch,
+            "steps_per_epoch": self.steps_per_epoch,
+            "world_size": self.world_size,
+            "rng": rng,
+            "meta": {"variant": self.variant, "num_classes": self.cfg.MODEL.NUM_CLASSES,
+                     "config": self.cfg.dump()},
+        }
+
+    def save(self, final: bool = False) -> None:
+        state = self.checkpoint_state()
+        if self.rank == 0:
+            path = save_training_checkpoint(self.cfg.OUTPUT_DIR, state, self.step,
+                                            self.cfg.SOLVER.CHECKPOINT_KEEP, final=final)
+            logger.info("Saved %s", path)
+        if self.world_size > 1:
+            dist.barrier()
+
+    def run_eval(self) -> dict[str, float]:
+        """Evaluate the raw and the EMA weights; returns ``val/*`` and ``val_ema/*`` metrics."""
+        if self.val_loader is None:
+            return {}
+        out = {}
+        models = [("val", self.model)] + ([("val_ema", self.ema.module)] if self.ema else [])
+        for prefix, model in models:
+            res = evaluate(model, self.val_loader, self.device, self.mean, self.std,
+                           self.amp_dtype, self.channels_last)
+            out.update({f"{prefix}/{k}": v for k, v in res.items() if k != "count"})
+        return out
+
+    def export(self) -> str:
+        """Write ``OUTPUT_DIR/backbone_final.pth`` (nfdet format; EMA weights by default)."""
+        use_ema = self.ema is not None and self.cfg.EXPORT.USE_EMA
+        path = os.path.join(self.cfg.OUTPUT_DIR, "backbone_final.pth")
+        export_backbone(self.ema.module if use_ema else self.model, path, {
+            "variant": self.variant,
+            "num_classes": int(self.cfg.MODEL.NUM_CLASSES),
+            "source": "nfdet-pretrain",
+            "ema": bool(use_ema),
+            "step": int(self.step),
+            "train_size": int(self.cfg.INPUT.TRAIN_SIZE),
+            "test_size": int(self.cfg.INPUT.TEST_SIZE),
+        })
+        return path
+
+    def train(self, resume: bool = False) -> dict[str, float]:
+        """Run (or continue) training; returns the last evaluation's metrics."""
+        cfg = self.cfg
+        self.resume_or_load(resume)
+        stop = min(self.max_iter, cfg.SOLVER.STOP_ITER or self.max_iter)
+        writer = _MetricsWriter(cfg.OUTPUT_DIR, cfg.LOG.TENSORBOARD) if self.rank == 0 else None
+        bar = None
+        if self.rank == 0 and cfg.LOG.PROGRESS_BAR:
+            from tqdm import tqdm
+
+            bar = tqdm(total=stop, initial=self.step, desc="pretrain", unit="step",
+                       dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
+        logger.info("Training NFNet-%s: %d steps (%d per epoch), global batch %d, lr %.4g, %d "
+                    "process(es), device %s, precision %s", self.variant, self.max_iter,
+                    self.steps_per_epoch, cfg.SOLVER.IMS_PER_BATCH, scaled_lr(cfg),
+                    self.world_size, self.device, self.amp_dtype or torch.float32)
+        self.ddp_model.train()
+        results: dict[str, float] = {}
+        window = torch.zeros(3, dtype=torch.float64, device=self.device)
+        window_start, data_time, data_mark = time.perf_counter(), 0.0, time.perf_counter()
+        window_steps = 0
+        try:
+            while self.step < stop:
+                epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
+                self.sampler.set_epoch(epoch, in_epoch)
+                data_mark = time.perf_counter()
+                for images, labels in self.train_loader:
+                    data_time += time.perf_counter() - data_mark
+                    lr = self._set_lr(self.step)
+                    loss, correct = self.run_step(images, labels)
+                    self.step += 1
+                    window += torch.stack([loss.double(), correct.double(),
+                                           torch.tensor(labels.shape[0], dtype=torch.float64,
+                                                        device=self.device)])
+                    window_steps += 1
+                    if bar is not None:
+                        bar.update(1)
+                    last = self.step >= stop
+                    if self.step % cfg.LOG.PERIOD == 0 or last:
+                        metrics = self._log_window(window, window_steps, window_start, data_time,
+                                                   lr, epoch)
+                        if writer is not None:
+                            writer.write(self.step, metrics)
+                        if bar is not None:
+                            bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.3g}")
+                        window.zero_()
+                        window_steps, data_time = 0, 0.0
+                        window_start = time.perf_counter()
+                    epoch_end = self.step % self.steps_per_epoch == 0
+                    if cfg.TEST.EVAL_PERIOD > 0 and self.step % cfg.TEST.EVAL_PERIOD == 0 \
+                            and self.step < self.max_iter:
+                        results = self._eval_and_log(writer, epoch)
+                    if self.step == self.max_iter:
+                        self.save(final=True)
+                    elif (
+                        last
+                        or (cfg.SOLVER.CHECKPOINT_PERIOD > 0
+                            and self.step % cfg.SOLVER.CHECKPOINT_PERIOD == 0)
+                        or (cfg.SOLVER.CHECKPOINT_EVERY_EPOCH and epoch_end)
+                    ):
+                        self.save()
+                    if last or epoch_end:
+                        break
+                    data_mark = time.perf_counter()
+            if self.step >= self.max_iter:
+                results = self._eval_and_log(writer, self.step // self.steps_per_epoch)
+                if self.rank == 0:
+                    logger.info("Exported backbone weights to %s", self.export())
+            else:
+                logger.info("Stopped at step %d of %d (SOLVER.STOP_ITER); continue with --resume",
+                            self.step, self.max_iter)
+        finally:
+            if bar is not None:
+                bar.close()
+            if writer is not None:
+                writer.close()
+        return results
+
+    def _log_window(self, window: torch.Tensor, steps: int, start: float, data_time: float,
+                    lr: float, epoch: int) -> dict[str, Any]:
+        totals = window.clone()
+        if self.world_size > 1:
+            dist.all_reduce(totals)
+        elapsed = max(time.perf_counter() - start, 1e-9)
+        metrics = {
+            "epoch": epoch,
+            "loss": totals[0].item() / (steps * self.world_size),
+            "lr": lr,
+            "train_top1": 100.0 * totals[1].item() / max(totals[2].item(), 1.0),
+            "images_per_s": totals[2].item() / elapsed,
+            "data_time_fraction": min(data_time / elapsed, 1.0),
+        }
+        metrics.update(get_agc_stats(self.optimizer))
+        return metrics
+
+    def _eval_and_log(self, writer: _MetricsWriter | None, epoch: int) -> dict[str, float]:
+        results = self.run_eval()
+        if results:
+            logger.info("step %d eval: %s", self.step,
+                        ", ".join(f"{k} {v:.3f}" for k, v in results.items()))
+            if writer is not None:
+                writer.write(self.step, {"epoch": epoch, **results})
+        return results
