@@ -13,19 +13,23 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from nfdet.checkpoint import save_checkpoint
 from nfdet.detection.engine import (
     CONFIGS_DIR,
     register_coco_datasets,
     resolve_config_file,
     train_argument_parser,
 )
+from nfdet.modeling import build_nfnet
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = "quick/nfnet_nano_mask_rcnn_instant.yaml"
 
 
 def _run(script: str, *args: str) -> str:
-    env = dict(os.environ, OMP_NUM_THREADS="2")
+    # One thread: tiny workloads gain nothing from more, and oversubscribed cores (other jobs)
+    # make multi-threaded CPU kernels many times slower.
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, str(REPO / "tools" / script), *args],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
@@ -50,9 +54,14 @@ def test_train_eval_resume_demo(tiny_coco, tmp_path):
     out = tmp_path / "out"
     common = _dataset_args(json_path, image_dir, out)
 
-    # Train 3 iterations (checkpoints every 2), bare config name via the --config alias.
+    # Train 3 iterations (checkpoints every 2) from a classification checkpoint; bare config
+    # name via the --config alias.
+    weights = tmp_path / "nano_classifier.pth"
+    save_checkpoint({"model": build_nfnet("nano", num_classes=3).state_dict()}, weights)
     log = _run("train_net.py", "--config", "nfnet_nano_mask_rcnn_instant.yaml", *common,
-               "SOLVER.MAX_ITER", "3", "TEST.EVAL_PERIOD", "0")
+               "SOLVER.MAX_ITER", "3", "TEST.EVAL_PERIOD", "0", "MODEL.WEIGHTS", str(weights))
+    assert "Reading an nfdet classification checkpoint" in log
+    assert "unused checkpoint keys: ['head.fc.bias', 'head.fc.weight']" in log
     assert "Starting training from iteration 0" in log
     assert (out / "model_final.pth").is_file()
     assert (out / "last_checkpoint").read_text().strip() == "model_final.pth"
