@@ -170,19 +170,16 @@ def load_source(path: str) -> tuple[str, Mapping]:
                 "expected a DeepMind NFNet dill pickle or a timm/nfdet torch checkpoint"
             )
         obj = _torch_load(path)
+    elif head[:1] == b"\x80" and _is_legacy_torch_file(path):
+        obj = _torch_load(path)
     elif head[:1] == b"\x80":
-        # A pickle stream: legacy torch.save or a DeepMind dill pickle.
+        # A plain pickle stream: DeepMind's files are dill pickles.
+        dill = _import_dill()
         try:
-            obj = _torch_load(path)
-        except CheckpointFormatError:
-            raise
-        except Exception:
-            dill = _import_dill()
-            try:
-                with open(path, "rb") as f:
-                    obj = dill.load(f)
-            except Exception as e:
-                raise CheckpointFormatError(f"{path}: cannot unpickle the file ({e})") from e
+            with open(path, "rb") as f:
+                obj = dill.load(f)
+        except Exception as e:
+            raise CheckpointFormatError(f"{path}: cannot unpickle the file ({e})") from e
     else:
         raise CheckpointFormatError(
             f"{path}: unrecognized file (neither a pickle nor a torch.save archive); expected a "
@@ -193,6 +190,25 @@ def load_source(path: str) -> tuple[str, Mapping]:
     except CheckpointFormatError as e:
         raise CheckpointFormatError(f"{path}: {e}") from None
     return fmt, _unwrap(obj)
+
+
+# torch.save's legacy (non-zip) format starts with this pickled magic number.
+_LEGACY_TORCH_MAGIC = 0x1950A86A20F9469CFC6C
+
+
+class _NoGlobalsUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        raise pickle.UnpicklingError(f"global {module}.{name} refused")
+
+
+def _is_legacy_torch_file(path: str) -> bool:
+    """Whether the first pickled object is torch's magic number (safe: no globals loaded)."""
+    try:
+        with open(path, "rb") as f:
+            first = _NoGlobalsUnpickler(f).load()
+    except Exception:
+        return False
+    return isinstance(first, int) and first == _LEGACY_TORCH_MAGIC
 
 
 def _torch_load(path: str) -> Any:

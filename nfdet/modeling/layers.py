@@ -112,8 +112,8 @@ class ScaledStdConv2d(nn.Conv2d):
 
     def reset_parameters(self) -> None:
         # Variance scaling over fan-in (normal); standardization makes the scale irrelevant.
-        if not hasattr(self, "gain"):
-            return
+        if not hasattr(self, "gain") or self.weight.is_meta:
+            return  # nn.Conv2d's call before gain exists; meta tensors hold no values
         nn.init.normal_(self.weight, 0.0, 1.0 / math.sqrt(self.weight[0].numel()))
         nn.init.ones_(self.gain)
         if self.bias is not None:
