@@ -1,0 +1,243 @@
+"""Pretraining trainer pieces: configs vs. the recipe table, schedule, EMA, RandAugment mapping,
+MixUp/CutMix, the sampler, dataset errors and atomic checkpoints (fast, no training)."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nfdet.classification import (
+    DeepMindRandAugment,
+    EpochBatchSampler,
+    ModelEMA,
+    build_dataset,
+    build_train_transform,
+    get_pretrain_cfg,
+    lr_factor,
+    mix_batch,
+    read_file_list,
+    resolve_config_file,
+    scaled_lr,
+    write_file_list,
+)
+from nfdet.classification.checkpoint import (
+    find_last_checkpoint,
+    get_rng_state,
+    save_training_checkpoint,
+    set_rng_state,
+)
+from nfdet.modeling import canonical_name
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "pretrain"
+
+# NFNET_REFERENCE.md "Variant table": train res, test res, RandAugment (layers, magnitude), dropout
+RECIPE = {
+    "F0": (192, 256, 4, 5, 0.2),
+    "F1": (224, 320, 4, 10, 0.3),
+    "F2": (256, 352, 4, 10, 0.4),
+    "F3": (320, 416, 4, 15, 0.4),
+    "F4": (384, 512, 4, 15, 0.5),
+    "F5": (416, 544, 4, 15, 0.5),
+    "F6": (448, 576, 4, 15, 0.5),
+    "F7": (480, 608, 4, 15, 0.5),
+}
+
+
+def _load(path) -> object:
+    cfg = get_pretrain_cfg()
+    cfg.merge_from_file(str(path))
+    return cfg
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_pretrain_config_loads(path):
+    cfg = _load(path)
+    canonical_name(cfg.MODEL.NFNET.VARIANT)  # raises on an unknown variant
+    assert cfg.SOLVER.IMS_PER_BATCH > 0 and cfg.INPUT.TRAIN_SIZE > 0 and cfg.INPUT.TEST_SIZE > 0
+
+
+@pytest.mark.parametrize("variant", sorted(RECIPE))
+def test_variant_config_matches_recipe_table(variant):
+    cfg = _load(CONFIG_DIR / f"nfnet_{variant.lower()}_imagenet.yaml")
+    train, test, ops, magnitude, dropout = RECIPE[variant]
+    assert canonical_name(cfg.MODEL.NFNET.VARIANT) == variant
+    assert (cfg.INPUT.TRAIN_SIZE, cfg.INPUT.TEST_SIZE) == (train, test)
+    assert cfg.INPUT.RANDAUGMENT.ENABLED
+    assert (cfg.INPUT.RANDAUGMENT.NUM_OPS, cfg.INPUT.RANDAUGMENT.MAGNITUDE) == (ops, magnitude)
+    assert cfg.MODEL.DROPOUT == pytest.approx(dropout)
+    # The shared DeepMind recipe.
+    assert cfg.INPUT.TEST_RESIZE_PAD == 32 and cfg.INPUT.INTERPOLATION == "bicubic"
+    assert scaled_lr(cfg) == pytest.approx(1.6)  # 0.1 x 4096 / 256
+    s = cfg.SOLVER
+    assert (s.OPTIMIZER, s.MOMENTUM, s.NESTEROV, s.WEIGHT_DECAY) == ("SGD", 0.9, True, 2e-5)
+    assert (s.EPOCHS, s.WARMUP_EPOCHS, s.AGC.CLIPPING, s.EMA.DECAY) == (360, 5, 0.01, 0.99999)
+    assert "head.fc.weight" in s.AGC.EXCLUDE
+    assert cfg.MODEL.NFNET.DROP_PATH_RATE == 0.25 and cfg.INPUT.LABEL_SMOOTHING == 0.1
+    assert (cfg.INPUT.MIXUP_ALPHA, cfg.INPUT.CUTMIX_ALPHA) == (0.2, 1.0)
+
+
+def test_config_resolution_and_bad_key():
+    assert resolve_config_file("nfnet_f0_imagenet.yaml").endswith("pretrain/nfnet_f0_imagenet.yaml")
+    assert resolve_config_file("nfnet_f3_imagenet").endswith("nfnet_f3_imagenet.yaml")
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        resolve_config_file("nope.yaml")
+    cfg = get_pretrain_cfg()
+    with pytest.raises(AssertionError, match="SOLVER.NOT_A_KEY"):  # yacs names the key
+        cfg.merge_from_list(["SOLVER.NOT_A_KEY", 1])
+
+
+def test_lr_schedule_warmup_then_cosine():
+    assert lr_factor(0, 100, 10) == 0.0
+    assert lr_factor(5, 100, 10) == pytest.approx(0.5)
+    assert lr_factor(10, 100, 10) == pytest.approx(1.0)
+    assert lr_factor(55, 100, 10) == pytest.approx(0.5)
+    assert lr_factor(99, 100, 10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 89 / 90)))
+    values = [lr_factor(s, 100, 10) for s in range(10, 100)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_ema_warmup_decay_and_average():
+    model = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.zero_()
+    ema = ModelEMA(model, decay=0.99)
+    assert ema.current_decay() == pytest.approx(1 / 10)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update(model)  # d = 0.1: ema = 0.1 * 0 + 0.9 * 1
+    assert torch.allclose(ema.module.weight, torch.full((1, 2), 0.9))
+    assert ema.current_decay() == pytest.approx(2 / 11)
+    ema.num_updates = 10_000
+    assert ema.current_decay() == 0.99
+
+
+def test_randaugment_magnitude_mapping():
+    # DeepMind level m = m / 10 of torchvision's maxima (its last bin of 31).
+    tv = torch.linspace(0.0, 30.0, 31)
+    for level in (5, 10):
+        ra = DeepMindRandAugment(num_ops=1, magnitude=level)
+        rotate = ra._AUGMENTATION_SPACE["Rotate"][0](ra.num_magnitude_bins, 64, 64)
+        assert rotate[ra.magnitude].item() == pytest.approx(tv[3 * level].item())
+    ra = DeepMindRandAugment(num_ops=1, magnitude=15)  # extrapolates like DeepMind
+    space = ra._AUGMENTATION_SPACE
+    assert space["Rotate"][0](16, 64, 64)[15].item() == pytest.approx(45.0)
+    assert space["ShearX"][0](16, 64, 64)[15].item() == pytest.approx(0.45)
+    assert space["Brightness"][0](16, 64, 64)[15].item() == pytest.approx(1.0)
+    assert space["Posterize"][0](16, 64, 64)[15].item() == 4
+    out = ra(torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8))
+    assert out.shape == (3, 32, 32) and out.dtype == torch.uint8
+    with pytest.raises(ValueError, match="MAGNITUDE"):
+        DeepMindRandAugment(magnitude=-1)
+
+
+def test_mix_batch_halves_and_targets():
+    n, k = 8, 4
+    images = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 3, 16, 16).clone()
+    targets = torch.nn.functional.one_hot(torch.arange(n) % k, k).float()
+    x, y = mix_batch(images, targets, 0.2, 1.0, np.random.default_rng(0))
+    assert x.shape == images.shape and torch.allclose(y.sum(1), torch.ones(n))
+    # First half: MixUp with the half reversed (sample 0 with 3): one lambda for the half.
+    lam = 1 - (x[0, 0, 0, 0] - 0) / 3
+    assert torch.allclose(x[0], images[0] * lam + images[3] * (1 - lam))
+    # Second half: CutMix pastes a box of the reversed half (sample 4 with 7); target weights are
+    # the true area fractions.
+    vals = x[4].unique()
+    assert set(vals.tolist()) <= {4.0, 7.0}
+    frac7 = (x[4, 0] == 7.0).float().mean()
+    assert torch.allclose(y[4], targets[4] * (1 - frac7) + targets[7] * frac7)
+    # Deterministic given the generator seed.
+    x2, y2 = mix_batch(images, targets, 0.2, 1.0, np.random.default_rng(0))
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+
+
+def test_sampler_shards_and_resumes():
+    full = [EpochBatchSampler(50, 8, r, 2, seed=3) for r in range(2)]
+    for s in full:
+        s.set_epoch(1)
+    batches = [list(s) for s in full]
+    assert len(batches[0]) == 50 // 8 and all(len(b) == 4 for b in batches[0])
+    seen = [i for r in range(2) for b in batches[r] for i, _ in b]
+    assert len(seen) == len(set(seen)) == 48
+    resumed = EpochBatchSampler(50, 8, 1, 2, seed=3)
+    resumed.set_epoch(1, start_step=4)
+    assert list(resumed) == batches[1][4:]
+    other = EpochBatchSampler(50, 8, 0, 2, seed=3)
+    other.set_epoch(2)
+    assert list(other) != batches[0]
+    with pytest.raises(ValueError, match="divisible"):
+        EpochBatchSampler(50, 9, 0, 2, seed=0)
+
+
+def _write_images(folder: Path, n: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.new("RGB", (20, 16), (i * 40 % 256, 0, 0)).save(folder / f"{i}.png")
+
+
+def test_dataset_errors_and_file_list(tmp_path):
+    cfg = get_pretrain_cfg()
+    cfg.DATA.ROOT = str(tmp_path / "data")
+    cfg.MODEL.NUM_CLASSES = 2
+    cfg.INPUT.TRAIN_SIZE = 16
+    cfg.INPUT.RANDAUGMENT.ENABLED = False
+    transform = build_train_transform(cfg)
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "data" / "train")):
+        build_dataset(cfg, "train", transform)
+    _write_images(tmp_path / "data" / "train" / "a", 3)
+    (tmp_path / "data" / "train" / "b").mkdir()
+    with pytest.raises(ValueError, match="b' holds no images"):
+        build_dataset(cfg, "train", transform)
+    _write_images(tmp_path / "data" / "train" / "b", 2)
+    ds = build_dataset(cfg, "train", transform)
+    assert len(ds) == 5 and ds.classes == ["a", "b"] and list(ds.labels) == [0, 0, 0, 1, 1]
+    img, label = ds[(3, 123)]
+    assert img.shape == (3, 16, 16) and img.dtype == torch.uint8 and label == 1
+    assert torch.equal(ds[(3, 123)][0], img)  # per-sample seed -> same augmentation
+
+    assert write_file_list(str(tmp_path / "data" / "train"), str(tmp_path / "data" / "t.txt")) == 5
+    paths, labels = read_file_list(str(tmp_path / "data" / "t.txt"))
+    assert paths[0] == "train/a/0.png" and labels == [0, 0, 0, 1, 1]
+    cfg.DATA.FORMAT = "filelist"
+    cfg.DATA.TRAIN_SPLIT = "t.txt"
+    assert len(build_dataset(cfg, "train", transform)) == 5
+    cfg.MODEL.NUM_CLASSES = 1
+    with pytest.raises(ValueError, match="MODEL.NUM_CLASSES is 1"):
+        build_dataset(cfg, "train", transform)
+    (tmp_path / "data" / "bad.txt").write_text("train/a/0.png zero\n")
+    with pytest.raises(ValueError, match="bad.txt:1"):
+        read_file_list(str(tmp_path / "data" / "bad.txt"))
+
+
+def test_checkpoint_atomic_and_weights_only(tmp_path, monkeypatch):
+    torch.manual_seed(5)
+    np.random.seed(5)
+    state = {"model": {"w": torch.ones(3)}, "step": 4, "rng": [get_rng_state()]}
+    path = save_training_checkpoint(str(tmp_path), state, step=4, keep=2)
+    assert find_last_checkpoint(str(tmp_path)) == path
+    loaded = torch.load(path, weights_only=True)
+    expected = (torch.rand(2), np.random.rand())
+    set_rng_state(loaded["rng"][0])
+    assert torch.equal(torch.rand(2), expected[0]) and np.random.rand() == expected[1]
+
+    # A crash while writing step 8 leaves step 4 as the intact latest checkpoint.
+    def crash(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_training_checkpoint(str(tmp_path), {"model": {"w": torch.zeros(3)}}, 8, keep=2)
+    monkeypatch.undo()
+    assert find_last_checkpoint(str(tmp_path)) == path
+    assert torch.equal(torch.load(path, weights_only=True)["model"]["w"], torch.ones(3))
+    assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000004.pth"]
+    for step in (8, 12):
+        save_training_checkpoint(str(tmp_path), {"model": {}}, step, keep=2)
+    assert sorted(os.listdir(tmp_path)) == [
+        "last_checkpoint", "model_0000008.pth", "model_0000012.pth"
+    ]
