@@ -79,7 +79,11 @@ def resolve_config_file(name: str, configs_dir: str | os.PathLike | None = None)
         raise FileNotFoundError("No config given: pass --config-file/--config FILE")
     if os.path.isfile(name):
         return name
-    root = Path(configs_dir) if configs_dir is not None else CONFIGS_DIR
+    if configs_dir is not None:
+        root = Path(configs_dir)
+    else:
+        # A non-editable install has no configs/ beside the package: use the working directory's.
+        root = CONFIGS_DIR if CONFIGS_DIR.is_dir() else Path.cwd() / "configs"
     wanted = name if name.endswith((".yaml", ".yml")) else name + ".yaml"
     wanted_parts = Path(wanted).parts
     available = sorted(p for p in root.rglob("*.y*ml") if p.is_file()) if root.is_dir() else []
@@ -177,9 +181,13 @@ def train_main(args: argparse.Namespace, trainer_cls: type = NFNetTrainer):
 
 def launch_train(argv: Sequence[str] | None = None, main=train_main):
     """Parse ``argv`` and ``launch`` ``main(args)`` on ``--num-gpus`` processes per machine."""
-    args = train_argument_parser().parse_args(argv)
+    parser = train_argument_parser()
+    args = parser.parse_args(argv)
     # Fail before spawning workers when the config cannot be found.
-    args.config_file = resolve_config_file(args.config_file)
+    try:
+        args.config_file = resolve_config_file(args.config_file)
+    except FileNotFoundError as e:
+        parser.error(str(e))
     print("Command Line Args:", args)
     return launch(
         main,

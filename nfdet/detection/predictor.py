@@ -69,7 +69,9 @@ def demo_argument_parser() -> argparse.ArgumentParser:
     )
     add_nfdet_arguments(parser)
     parser.add_argument(
-        "opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE pairs"
+        "opts", default=[], nargs=argparse.REMAINDER,
+        help="config overrides: KEY VALUE pairs, last (not right after --input, which would take "
+        "them as images)",
     )
     return parser
 
