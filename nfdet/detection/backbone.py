@@ -36,6 +36,10 @@ class NFNetBackbone(Backbone):
     parameter takes part in the loss (detectron2 wraps DDP without ``find_unused_parameters``).
     The backbone contains no normalization layer.
 
+    Differences from the paper: Brock et al. report using NFNets as Mask R-CNN backbones "without
+    any modification" but publish no detection code; the choice of ``res5`` and freezing with
+    ``requires_grad`` (there is no BatchNorm to freeze) are nfdet's.
+
     Args:
         spec (NFNetSpec): the architecture (``nfdet.modeling.get_variant(name)``).
         out_features (sequence[str]): a non-empty subset of ``("res2", "res3", "res4", "res5")``.
