@@ -225,8 +225,12 @@ def test_with_agc_class_pickle_state_dict_and_closure():
         loss.backward()
         return loss
 
+    torch.optim.SGD(model.parameters(), lr=0.1)  # a plain SGD instance hooks SGD.step
+    post_hook_calls = []
+    opt.register_step_post_hook(lambda *args: post_hook_calls.append(1))
     loss = opt.step(closure)
     assert torch.isfinite(loss)
+    assert len(post_hook_calls) == 1
     assert "agc_clipped_fraction" in get_agc_stats(opt)
     restored = pickle.loads(pickle.dumps(opt))
     assert type(restored) is cls
@@ -312,7 +316,8 @@ def test_agc_under_grad_scaler_matches_unscaled(device, fused):
     ref, ref_fractions = _amp_run(device, None, fused)
     scaled, fractions = _amp_run(device, 2.0**16, fused)
     assert all(f > 0 for f in ref_fractions)
-    assert fractions == pytest.approx(ref_fractions)
+    # Under CUDA autocast a unit near the threshold may flip: allow a few units.
+    assert fractions == pytest.approx(ref_fractions, abs=0.05 if device == "cuda" else 1e-12)
     tol = {"rtol": 1e-3, "atol": 1e-4} if device == "cuda" else {"rtol": 1e-6, "atol": 1e-7}
     for a, b in zip(ref, scaled):
         torch.testing.assert_close(b, a, **tol)

@@ -59,7 +59,7 @@ def _agc_(
     - large tensors (more than ``_CONCAT_MAX_NUMEL`` elements): one norm call each on a
       (units, fan) view, no copy; the call overhead is small against their memory traffic.
     The rescaling factors of all buckets of a device/dtype are computed together and applied with
-    one ``torch._foreach_mul_``.
+    one ``torch._foreach_mul_``; on CPU only to the tensors that have a clipped unit.
     """
     buckets: dict[tuple, list[torch.Tensor]] = defaultdict(list)
     for p in params:
@@ -238,7 +238,14 @@ class AGCOptimizerMixin:
             with torch.enable_grad():
                 loss = closure()
         self.clip_gradients_()
-        super().step()
+        wrapped_step = super().step
+        func = getattr(wrapped_step, "__func__", None)
+        if func is not None and getattr(func, "hooked", False):
+            # torch wraps a class's step() with the step pre/post hooks once it has an instance;
+            # this class's step() is wrapped too, so call the inner one: hooks run once per step.
+            func.__wrapped__(self)
+        else:
+            wrapped_step()
         return loss
 
     def __reduce__(self):
