@@ -247,6 +247,9 @@ def test_with_agc_class_pickle_state_dict_and_closure():
     adamw = with_agc(torch.optim.AdamW)(model.parameters(), lr=1e-3, agc_clipping=0.02)
     assert isinstance(adamw, torch.optim.AdamW)
     assert adamw.param_groups[0]["agc_clipping"] == 0.02
+    partial = cls([{"params": list(model.parameters()), "agc_clipping": 0.3}], lr=0.1, agc_eps=0.5)
+    group = partial.param_groups[0]
+    assert (group["agc_clipping"], group["agc_eps"]) == (0.3, 0.5)
     with pytest.raises(TypeError):
         with_agc(nn.Linear)
     with pytest.raises(ValueError, match="clipping"):

@@ -209,7 +209,8 @@ class AGCOptimizerMixin:
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        if "agc_clipping" in group:  # during __init__ the defaults are filled in afterwards
+        # During __init__ the AGC defaults are filled in (and checked) afterwards.
+        if "agc_clipping" in group and "agc_eps" in group:
             self._check_group(group)
 
     @torch.no_grad()

@@ -133,6 +133,8 @@ def build_optimizer(cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
     detectron2's config (``get_cfg()`` + ``add_nfnet_config``) and on any CfgNode with these keys.
     With AGC enabled the optimizer clips inside ``step()`` (see ``with_agc``). With AGC disabled
     and detectron2's ``SOLVER.CLIP_GRADIENTS.ENABLED``, detectron2's clipping is added instead.
+    Weight decay and learning rate per group follow ``build_param_groups``: detectron2's
+    ``WEIGHT_DECAY_NORM``, ``WEIGHT_DECAY_BIAS`` and ``BIAS_LR_FACTOR`` are not used.
 
     Args:
         cfg (CfgNode): the config.
