@@ -44,7 +44,9 @@ class ModelEMA:
 
     @staticmethod
     def _tensors(model: nn.Module) -> list[torch.Tensor]:
-        return [p.data for p in model.parameters()] + list(model.buffers())
+        # detach() (not .data) shares the version counter, so in-place EMA updates invalidate the
+        # eval weight cache of ScaledStdConv2d.
+        return [p.detach() for p in model.parameters()] + list(model.buffers())
 
     def state_dict(self) -> dict:
         return {"model": self.module.state_dict(), "num_updates": self.num_updates,
