@@ -17,9 +17,12 @@ def add_agc_config(cfg: CN) -> None:
     Args:
         cfg (CfgNode): a config; ``SOLVER`` is created when missing.
     """
+    # New nodes take cfg's own class: yacs refuses to merge a YAML's detectron2 CfgNode into an
+    # fvcore CfgNode ("Type mismatch ... for config key: SOLVER.AGC").
+    node = type(cfg)
     if "SOLVER" not in cfg:
-        cfg.SOLVER = CN()
-    cfg.SOLVER.AGC = CN()
+        cfg.SOLVER = node()
+    cfg.SOLVER.AGC = node()
     cfg.SOLVER.AGC.ENABLED = True
     # max ||G_i|| = CLIPPING * max(||W_i||, EPS), per output unit i.
     cfg.SOLVER.AGC.CLIPPING = 0.01
@@ -37,9 +40,7 @@ def add_nfnet_config(cfg: CN) -> None:
     Args:
         cfg (CfgNode): detectron2's config (``get_cfg()``) or nfdet's pretraining config.
     """
-    # New nodes take cfg's own class: yacs refuses to merge a YAML's detectron2 CfgNode into an
-    # fvcore CfgNode ("Type mismatch ... for config key: MODEL.NFNET").
-    node = type(cfg)
+    node = type(cfg)  # see add_agc_config
     if "MODEL" not in cfg:
         cfg.MODEL = node()
     cfg.MODEL.NFNET = node()
@@ -53,5 +54,3 @@ def add_nfnet_config(cfg: CN) -> None:
     # is not built.
     cfg.MODEL.NFNET.RES5_FINAL_CONV = True
     add_agc_config(cfg)
-    if type(cfg.SOLVER.AGC) is not node:  # same merge rule for the AGC node
-        cfg.SOLVER.AGC = node(cfg.SOLVER.AGC)
