@@ -2,6 +2,7 @@
 """nfdet benchmarks, one subcommand each.
 
     python tools/benchmark.py agc [--variant F0 --batch-size 2 --image-size 128 ...]
+    python tools/benchmark.py maskrcnn [--config quick/nfnet_nano_mask_rcnn_256.yaml ...]
 
 To add a benchmark: write ``add_<name>_arguments(parser)`` and ``main_<name>(args)`` in the nfdet
 package and add one line to ``SUBCOMMANDS``.
@@ -13,6 +14,7 @@ import importlib
 # name -> (module, help): the module defines add_<name>_arguments(parser) and main_<name>(args).
 SUBCOMMANDS = {
     "agc": ("nfdet.solver.benchmark", "Adaptive Gradient Clipping vs a loop and a train step"),
+    "maskrcnn": ("nfdet.detection.benchmark", "Mask R-CNN training/inference speed of a config"),
 }
 
 

@@ -19,7 +19,7 @@ from ..modeling import build_nfnet
 from .agc import clip_grad_agc_, get_agc_stats, with_agc
 from .build import build_param_groups
 
-__all__ = ["add_agc_arguments", "agc_loop_", "benchmark_agc", "main_agc"]
+__all__ = ["add_agc_arguments", "agc_loop_", "benchmark_agc", "main_agc", "time_calls"]
 
 
 @torch.no_grad()
@@ -36,7 +36,7 @@ def agc_loop_(parameters: Iterable[torch.Tensor], clipping: float = 0.01, eps: f
         p.grad.mul_(scale.view((-1,) + (1,) * (p.dim() - 1)) if p.dim() >= 2 else scale.view(()))
 
 
-def _time(
+def time_calls(
     fn: Callable[[], object], iters: int, warmup: int, device: torch.device
 ) -> tuple[float, float]:
     """(best, median) seconds per call of ``fn``; the best is robust to other processes."""
@@ -87,15 +87,15 @@ def benchmark_agc(args: argparse.Namespace) -> dict:
         F.cross_entropy(model(images), labels).backward()
         optimizer.step()
 
-    step_s, step_med = _time(train_step, args.train_steps, args.warmup, device)
+    step_s, step_med = time_calls(train_step, args.train_steps, args.warmup, device)
     fraction = get_agc_stats(optimizer).get("agc_clipped_fraction", 0.0)
     # Fresh gradients of a real backward pass for the AGC timings (clipping them repeatedly
     # costs the same every time: every unit's norms are computed and its gradient rescaled).
     optimizer.zero_grad(set_to_none=True)
     F.cross_entropy(model(images), labels).backward()
     timing = (args.iters, args.warmup, device)
-    agc_s, agc_med = _time(lambda: clip_grad_agc_(clipped, args.clipping), *timing)
-    loop_s, loop_med = _time(lambda: agc_loop_(clipped, args.clipping), *timing)
+    agc_s, agc_med = time_calls(lambda: clip_grad_agc_(clipped, args.clipping), *timing)
+    loop_s, loop_med = time_calls(lambda: agc_loop_(clipped, args.clipping), *timing)
     return {
         "variant": args.variant,
         "device": str(device),
