@@ -6,9 +6,16 @@ does not import detectron2. Call it before ``cfg.merge_from_file(...)``.
 
 from __future__ import annotations
 
+import difflib
+import os
+from pathlib import Path
+
 from fvcore.common.config import CfgNode as CN
 
-__all__ = ["add_nfnet_config", "add_agc_config"]
+__all__ = ["add_nfnet_config", "add_agc_config", "resolve_config_file", "CONFIGS_DIR"]
+
+# The repository's configs/ (nfdet is installed editable from the repository root).
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 def add_agc_config(cfg: CN) -> None:
@@ -54,3 +61,43 @@ def add_nfnet_config(cfg: CN) -> None:
     # is not built.
     cfg.MODEL.NFNET.RES5_FINAL_CONV = True
     add_agc_config(cfg)
+
+
+def resolve_config_file(name: str, configs_dir: str | os.PathLike | None = None) -> str:
+    """Return the path of a config: ``name`` itself when it is a file, else the unique file under
+    ``configs_dir`` (recursively) whose path ends with ``name`` (".yaml" may be left out).
+
+    Args:
+        name (str): a path, or a name such as ``nfnet_f0_mask_rcnn.yaml`` /
+            ``quick/nfnet_nano_mask_rcnn_instant``.
+        configs_dir (str | None): where to search; the repository's ``configs/`` by default.
+
+    Raises:
+        FileNotFoundError: nothing matches (the message lists close names), or several do.
+    """
+    if not name:
+        raise FileNotFoundError("No config given: pass --config-file/--config FILE")
+    if os.path.isfile(name):
+        return name
+    if configs_dir is not None:
+        root = Path(configs_dir)
+    else:
+        # A non-editable install has no configs/ beside the package: use the working directory's.
+        root = CONFIGS_DIR if CONFIGS_DIR.is_dir() else Path.cwd() / "configs"
+    wanted = name if name.endswith((".yaml", ".yml")) else name + ".yaml"
+    wanted_parts = Path(wanted).parts
+    available = sorted(p for p in root.rglob("*.y*ml") if p.is_file()) if root.is_dir() else []
+    matches = [p for p in available if p.parts[-len(wanted_parts):] == wanted_parts]
+    if len(matches) == 1:
+        return str(matches[0])
+    relative = [str(p.relative_to(root)) for p in available]
+    if len(matches) > 1:
+        raise FileNotFoundError(
+            f"Config {name!r} is ambiguous under {root}: "
+            + ", ".join(str(p.relative_to(root)) for p in matches)
+        )
+    close = difflib.get_close_matches(wanted, relative, n=5, cutoff=0.5) or relative
+    raise FileNotFoundError(
+        f"Config {name!r} is neither a file nor a config under {root}. "
+        f"Candidates: {', '.join(close) if close else '(none)'}"
+    )

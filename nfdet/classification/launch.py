@@ -12,10 +12,10 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
 
 import torch
 
+from ..config import resolve_config_file
 from .config import get_pretrain_cfg
 from .engine import PretrainTrainer, get_rank
 
@@ -29,9 +29,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("nfdet.pretrain")
-
-_REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-
 
 def pretrain_argument_parser() -> argparse.ArgumentParser:
     """detectron2's training flags: ``--config-file`` (alias ``--config``), ``--resume``,
@@ -59,24 +56,6 @@ def pretrain_argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=None,
                         help="config overrides as KEY VALUE pairs")
     return parser
-
-
-def resolve_config_file(name: str) -> str:
-    """Find a config: the path itself, else ``configs/pretrain/<name>``, else ``configs/<name>``.
-
-    Raises:
-        FileNotFoundError: none exists (every place tried is listed).
-    """
-    tried = [Path(name)]
-    if not Path(name).is_absolute():
-        tried += [_REPO_CONFIGS / "pretrain" / name, _REPO_CONFIGS / name]
-    tried += [Path(str(p) + ".yaml") for p in tried if p.suffix != ".yaml"]
-    for path in tried:
-        if path.is_file():
-            return str(path)
-    raise FileNotFoundError(
-        f"Config {name!r} not found; tried: {', '.join(str(p) for p in tried)}"
-    )
 
 
 def _setup_logging(output_dir: str, rank: int) -> None:

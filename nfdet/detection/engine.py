@@ -8,16 +8,15 @@ IMAGE_DIR`` (repeatable) to use any COCO-format dataset in ``DATASETS.TRAIN`` / 
 from __future__ import annotations
 
 import argparse
-import difflib
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.engine import default_argument_parser, default_setup, launch
 
+from ..config import CONFIGS_DIR, resolve_config_file
 from .checkpoint import NFNetCheckpointer
 from .config import get_nfdet_cfg
 from .trainer import NFNetTrainer
@@ -33,10 +32,6 @@ __all__ = [
     "train_main",
     "launch_train",
 ]
-
-# The repository's configs/ (nfdet is installed editable from the repository root).
-CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
-
 
 def add_nfdet_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add ``--config`` (alias of ``--config-file``) and ``--register-coco`` to ``parser``.
@@ -61,46 +56,6 @@ def add_nfdet_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 def train_argument_parser() -> argparse.ArgumentParser:
     """detectron2's ``default_argument_parser`` with nfdet's additions."""
     return add_nfdet_arguments(default_argument_parser())
-
-
-def resolve_config_file(name: str, configs_dir: str | os.PathLike | None = None) -> str:
-    """Return the path of a config: ``name`` itself when it is a file, else the unique file under
-    ``configs_dir`` (recursively) whose path ends with ``name`` (".yaml" may be left out).
-
-    Args:
-        name (str): a path, or a name such as ``nfnet_f0_mask_rcnn.yaml`` /
-            ``quick/nfnet_nano_mask_rcnn_instant``.
-        configs_dir (str | None): where to search; the repository's ``configs/`` by default.
-
-    Raises:
-        FileNotFoundError: nothing matches (the message lists close names), or several do.
-    """
-    if not name:
-        raise FileNotFoundError("No config given: pass --config-file/--config FILE")
-    if os.path.isfile(name):
-        return name
-    if configs_dir is not None:
-        root = Path(configs_dir)
-    else:
-        # A non-editable install has no configs/ beside the package: use the working directory's.
-        root = CONFIGS_DIR if CONFIGS_DIR.is_dir() else Path.cwd() / "configs"
-    wanted = name if name.endswith((".yaml", ".yml")) else name + ".yaml"
-    wanted_parts = Path(wanted).parts
-    available = sorted(p for p in root.rglob("*.y*ml") if p.is_file()) if root.is_dir() else []
-    matches = [p for p in available if p.parts[-len(wanted_parts):] == wanted_parts]
-    if len(matches) == 1:
-        return str(matches[0])
-    relative = [str(p.relative_to(root)) for p in available]
-    if len(matches) > 1:
-        raise FileNotFoundError(
-            f"Config {name!r} is ambiguous under {root}: "
-            + ", ".join(str(p.relative_to(root)) for p in matches)
-        )
-    close = difflib.get_close_matches(wanted, relative, n=5, cutoff=0.5) or relative
-    raise FileNotFoundError(
-        f"Config {name!r} is neither a file nor a config under {root}. "
-        f"Candidates: {', '.join(close) if close else '(none)'}"
-    )
 
 
 def register_coco_datasets(specs: Sequence[Sequence[str]]) -> None:
