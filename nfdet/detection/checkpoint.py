@@ -69,27 +69,26 @@ class NFNetCheckpointer(DetectionCheckpointer):
     def _load_model(self, checkpoint: dict[str, Any]):
         state_dict = checkpoint.get("model")
         if isinstance(state_dict, Mapping) and is_classification_checkpoint(state_dict):
-            checkpoint["model"] = self._rename_classifier(state_dict, checkpoint.get("meta"))
+            prefix = find_trunk_prefix(self.model)
+            meta = checkpoint.get("meta")
+            checkpoint["model"] = self._rename_classifier(state_dict, prefix, meta)
             incompatible = super()._load_model(checkpoint)
             # Unused keys are reported under their names in the checkpoint (trunk.final_conv.*).
-            prefix = self._trunk_prefix
             incompatible = incompatible._replace(
                 unexpected_keys=[
                     "trunk." + k[len(prefix):] if k.startswith(prefix) else k
                     for k in incompatible.unexpected_keys
                 ]
             )
-            self._log_backbone_summary(incompatible)
+            self._log_backbone_summary(incompatible, prefix)
         else:
             incompatible = super()._load_model(checkpoint)
         self.last_incompatible = incompatible
         return incompatible
 
     def _rename_classifier(
-        self, state_dict: Mapping[str, Any], meta: Any
+        self, state_dict: Mapping[str, Any], prefix: str, meta: Any
     ) -> dict[str, Any]:
-        prefix = find_trunk_prefix(self.model)
-        self._trunk_prefix = prefix
         info = ""
         if isinstance(meta, Mapping) and meta:
             info = " (" + ", ".join(f"{k}={meta[k]}" for k in sorted(meta) if k != "args") + ")"
@@ -104,8 +103,7 @@ class NFNetCheckpointer(DetectionCheckpointer):
             renamed[key] = value
         return renamed
 
-    def _log_backbone_summary(self, incompatible) -> None:
-        prefix = self._trunk_prefix
+    def _log_backbone_summary(self, incompatible, prefix: str) -> None:
         trunk_keys = [k for k in self.model.state_dict() if k.startswith(prefix)]
         missing = [k for k in incompatible.missing_keys if k.startswith(prefix)]
         mismatched = [k for k, *_ in incompatible.incorrect_shapes]
