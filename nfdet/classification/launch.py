@@ -41,7 +41,7 @@ def pretrain_argument_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config-file", "--config", dest="config_file", default="",
                         metavar="FILE",
-                        help="a yaml file, or a bare name looked up in configs/pretrain/, configs/")
+                        help="a yaml file, or a bare name looked up (recursively) under configs/")
     parser.add_argument("--resume", action="store_true",
                         help="continue from OUTPUT_DIR/last_checkpoint (fresh start if none)")
     parser.add_argument("--eval-only", action="store_true",
