@@ -32,6 +32,6 @@ setup(
     extras_require={
         # Reading DeepMind's released *.npz files (dill pickles) needs dill.
         "deepmind": ["dill"],
-        "test": ["pytest", "timm==1.0.31", "dill", "ruff==0.17.6"],
+        "test": ["pytest", "hypothesis==6.170.15", "timm==1.0.31", "dill", "ruff==0.17.6"],
     },
 )

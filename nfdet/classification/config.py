@@ -9,11 +9,13 @@ recipe"); the per-variant values (resolutions, dropout, RandAugment) live in
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from fvcore.common.config import CfgNode as CN
 
-from nfdet.config import add_nfnet_config
+from nfdet.config import add_nfnet_config, merge_config, resolve_config_file
 
-__all__ = ["get_pretrain_cfg", "add_pretrain_config", "scaled_lr"]
+__all__ = ["get_pretrain_cfg", "add_pretrain_config", "load_pretrain_cfg", "scaled_lr"]
 
 
 def add_pretrain_config(cfg: CN) -> None:
@@ -144,6 +146,19 @@ def get_pretrain_cfg() -> CN:
     add_nfnet_config(cfg)
     add_pretrain_config(cfg)
     return cfg
+
+
+def load_pretrain_cfg(config_file: str | None = None, opts: Sequence[str] | None = None) -> CN:
+    """The pretraining config from a YAML (a path, or a name under ``configs/``) and ``KEY
+    VALUE`` overrides, unfrozen.
+
+    Raises:
+        FileNotFoundError: no such config (close names listed).
+        ConfigError: an unknown key (closest valid keys suggested), a bad value or an unknown
+            variant, naming the file or the command line.
+    """
+    cfg = get_pretrain_cfg()
+    return merge_config(cfg, resolve_config_file(config_file) if config_file else None, opts)
 
 
 def scaled_lr(cfg: CN) -> float:

@@ -12,6 +12,15 @@ Two dataset formats (``DATA.FORMAT``):
 Paths are kept in one numpy byte buffer plus offsets rather than a Python list, so DataLoader
 workers (forked) do not touch millions of refcounts and copy the parent's memory page by page.
 
+Bad images (docs/reliability.md): every image is decoded to 8-bit RGB whatever its mode
+(grayscale, palette, RGBA, 16-bit; ``nfdet.data.validate.to_rgb_uint8``). In the training set an
+image that cannot be read (missing, truncated, not an image) is logged with its path and a running
+count and replaced by the next readable image of the dataset (deterministically, so seeds and
+batch sizes are unchanged); training stops with ``ImageReadError`` once more than
+``max(10, 1%)`` of the images are bad. In the validation set a bad image stops the run with its
+path. A file list's first entries are checked to exist up front, so a wrong ``DATA.ROOT`` fails
+at once.
+
 Sampling: ``EpochBatchSampler`` shuffles each epoch with a generator seeded by ``(seed, epoch)``,
 drops the incomplete last global batch, gives process ``r`` of ``W`` the ``r``-th slice of every
 global batch, and can start in the middle of an epoch (resume). Every sample carries its own seed
@@ -21,13 +30,15 @@ augmentation does not depend on the number of workers, their scheduling or on a 
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..data.validate import DatasetError, ImageReadError, read_image_rgb
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -42,6 +53,13 @@ __all__ = [
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".webp", ".tif", ".tiff")
+# Training stops once more than this share of the images (and at least MIN_BAD_IMAGES) could not
+# be read. File lists: this many first entries are checked to exist before training.
+MAX_BAD_IMAGE_FRACTION = 0.01
+MIN_BAD_IMAGES = 10
+FILE_LIST_CHECK = 100
+
+logger = logging.getLogger(__name__)
 
 
 class _PathTable:
@@ -103,14 +121,18 @@ def read_file_list(path: str) -> tuple[list[str], list[int]]:
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: a malformed line (file and line number named) or an empty list.
+        ValueError: a malformed line (file and line number named) or an empty list, or a file
+            that is not UTF-8 text.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"File list {path!r} does not exist (DATA.FORMAT 'filelist')")
     paths, labels = [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.rstrip("\n")
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text ({e.reason})") from None
             if not line.strip():
                 continue
             rel, _, label = line.rpartition(" ")
@@ -160,6 +182,8 @@ class ClassificationDataset(Dataset):
         labels (list[int]): labels.
         transform (callable): PIL image -> tensor.
         classes (list[str] | None): class names, when known.
+        skip_unreadable (bool): replace an unreadable image by the next readable one (with a
+            warning) instead of raising ``ImageReadError``; for training sets.
     """
 
     def __init__(
@@ -169,12 +193,17 @@ class ClassificationDataset(Dataset):
         labels: Sequence[int],
         transform: Callable,
         classes: Sequence[str] | None = None,
+        skip_unreadable: bool = False,
     ):
         self.root = root
         self._paths = _PathTable(paths)
         self.labels = np.asarray(labels, dtype=np.int64)
         self.transform = transform
         self.classes = list(classes) if classes is not None else None
+        self.skip_unreadable = skip_unreadable
+        self.max_bad_images = max(MIN_BAD_IMAGES, int(MAX_BAD_IMAGE_FRACTION * len(paths)))
+        # Indices found unreadable; per DataLoader worker (each holds its own copy).
+        self.bad_indices: set[int] = set()
 
     def __len__(self) -> int:
         return len(self._paths)
@@ -182,24 +211,41 @@ class ClassificationDataset(Dataset):
     def path(self, index: int) -> str:
         return os.path.join(self.root, self._paths[index])
 
-    def _load(self, index: int) -> torch.Tensor:
-        path = self.path(index)
-        try:
-            with Image.open(path) as img:
-                img = img.convert("RGB")
-        except OSError as e:
-            raise OSError(f"Cannot read image {path!r}: {e}") from e
-        return self.transform(img)
+    def _load(self, index: int) -> tuple[torch.Tensor, int]:
+        """(transformed image, index actually read): ``index``, or with ``skip_unreadable``
+        the next readable one."""
+        start = index
+        while True:
+            if index not in self.bad_indices:
+                try:
+                    return self.transform(read_image_rgb(self.path(index))), index
+                except ImageReadError as e:
+                    if not self.skip_unreadable:
+                        raise
+                    self._skip(index, e)
+            index = (index + 1) % len(self)
+            if index == start:
+                raise ImageReadError(f"No image of {self.root!r} can be read", self.root)
+
+    def _skip(self, index: int, error: ImageReadError) -> None:
+        self.bad_indices.add(index)
+        count = len(self.bad_indices)
+        logger.warning("Skipping image %d (replaced by the next one): %s", count, error)
+        if count > self.max_bad_images:
+            raise ImageReadError(
+                f"{count} images of {self.root!r} could not be read (limit "
+                f"{self.max_bad_images}; the last: {self.path(index)!r}): the dataset looks "
+                "broken, stopping", self.path(index)
+            )
 
     def __getitem__(self, item) -> tuple[torch.Tensor, int]:
         if isinstance(item, tuple):
             index, seed = item
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                image = self._load(index)
+                image, index = self._load(index)
         else:
-            index = item
-            image = self._load(index)
+            image, index = self._load(item)
         return image, int(self.labels[index])
 
 
@@ -213,6 +259,7 @@ def build_dataset(cfg, split: str, transform: Callable) -> ClassificationDataset
 
     Raises:
         FileNotFoundError / ValueError: missing folder or list, empty class, bad label (named).
+        DatasetError: one of the first ``FILE_LIST_CHECK`` files of a file list is missing.
     """
     data = cfg.DATA
     name = data.TRAIN_SPLIT if split == "train" else data.VAL_SPLIT
@@ -222,8 +269,15 @@ def build_dataset(cfg, split: str, transform: Callable) -> ClassificationDataset
         paths, labels, classes = scan_image_folder(root)
     elif fmt == "filelist":
         root = data.ROOT
-        paths, labels = read_file_list(os.path.join(data.ROOT, name))
+        list_path = os.path.join(data.ROOT, name)
+        paths, labels = read_file_list(list_path)
         classes = None
+        missing = [p for p in paths[:FILE_LIST_CHECK] if not os.path.isfile(os.path.join(root, p))]
+        if missing:
+            raise DatasetError(
+                f"{list_path}: {len(missing)} of its first {min(len(paths), FILE_LIST_CHECK)} "
+                f"images do not exist under DATA.ROOT {root!r}, e.g. {missing[0]!r}"
+            )
     else:
         raise ValueError(f"DATA.FORMAT must be 'folder' or 'filelist', got {data.FORMAT!r}")
     num_classes = cfg.MODEL.NUM_CLASSES
@@ -232,7 +286,8 @@ def build_dataset(cfg, split: str, transform: Callable) -> ClassificationDataset
             f"The {split} data at {os.path.join(data.ROOT, name)!r} has label {max(labels)} "
             f"(classes: {max(labels) + 1}), but MODEL.NUM_CLASSES is {num_classes}"
         )
-    return ClassificationDataset(root, paths, labels, transform, classes)
+    return ClassificationDataset(root, paths, labels, transform, classes,
+                                 skip_unreadable=split == "train")
 
 
 class EpochBatchSampler(Sampler):

@@ -2,7 +2,12 @@
 
 detectron2's standard command line plus: ``--config`` as an alias of ``--config-file``, a bare
 config name resolved under the repository's ``configs/``, and ``--register-coco NAME JSON
-IMAGE_DIR`` (repeatable) to use any COCO-format dataset in ``DATASETS.TRAIN`` / ``DATASETS.TEST``.
+IMAGE_DIR`` (repeatable) to use any COCO-format dataset in ``DATASETS.TRAIN`` / ``DATASETS.TEST``
+(checked when loaded: ``nfdet.detection.data``).
+
+Bad input fails before workers start where it can: an unknown config name, key or variant
+(``ConfigError``, with close matches), a missing annotation file or image folder, an
+unregistered dataset name (``DatasetError``) end the command with a one-line usage error.
 """
 
 from __future__ import annotations
@@ -13,12 +18,14 @@ from collections.abc import Sequence
 
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets import register_coco_instances
 from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
-from ..config import CONFIGS_DIR, resolve_config_file
+from ..config import CONFIGS_DIR, ConfigError, merge_config, resolve_config_file
 from .checkpoint import NFNetCheckpointer
 from .config import get_nfdet_cfg
+from .data import DatasetError, check_dataset_names, register_checked_coco
 from .trainer import NFNetTrainer
 
 __all__ = [
@@ -59,7 +66,8 @@ def train_argument_parser() -> argparse.ArgumentParser:
 
 
 def register_coco_datasets(specs: Sequence[Sequence[str]]) -> None:
-    """Register COCO-format datasets with detectron2's ``register_coco_instances``.
+    """Register COCO-format datasets with ``nfdet.detection.data.register_checked_coco`` (the
+    file is checked when the dataset is loaded; see ``docs/reliability.md``).
 
     Registering a name again with the same files is a no-op (launched workers repeat it).
 
@@ -88,7 +96,7 @@ def register_coco_datasets(specs: Sequence[Sequence[str]]) -> None:
                 f"--register-coco {name}: a dataset of that name is already registered "
                 f"(json_file={getattr(meta, 'json_file', None)}); choose another name"
             )
-        register_coco_instances(name, {}, json_file, image_dir)
+        register_checked_coco(name, json_file, image_dir)
 
 
 def setup_cfg(args: argparse.Namespace, freeze: bool = True) -> CfgNode:
@@ -97,11 +105,15 @@ def setup_cfg(args: argparse.Namespace, freeze: bool = True) -> CfgNode:
     Args:
         args (Namespace): parsed command line.
         freeze (bool): freeze the config.
+
+    Raises:
+        FileNotFoundError: the config does not exist (close names listed).
+        ConfigError: an unknown key (the closest valid keys suggested), a bad value or variant,
+            naming the file or the command line.
     """
     cfg = get_nfdet_cfg()
     args.config_file = resolve_config_file(args.config_file)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts or [])
+    merge_config(cfg, args.config_file, args.opts)
     if freeze:
         cfg.freeze()
     return cfg
@@ -112,7 +124,11 @@ def setup(args: argparse.Namespace) -> CfgNode:
     ``default_setup`` (logger, environment log, config saved to ``OUTPUT_DIR``)."""
     register_coco_datasets(args.register_coco)
     cfg = setup_cfg(args)
+    check_dataset_names(cfg)
     default_setup(cfg, args)
+    # nfdet's own messages (e.g. dropped annotations, skipped images) in the log too.
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="nfdet",
+                 abbrev_name="nfdet")
     return cfg
 
 
@@ -138,10 +154,13 @@ def launch_train(argv: Sequence[str] | None = None, main=train_main):
     """Parse ``argv`` and ``launch`` ``main(args)`` on ``--num-gpus`` processes per machine."""
     parser = train_argument_parser()
     args = parser.parse_args(argv)
-    # Fail before spawning workers when the config cannot be found.
+    # Fail before spawning workers on a config that cannot be found or merged, or datasets
+    # that are not there.
     try:
         args.config_file = resolve_config_file(args.config_file)
-    except FileNotFoundError as e:
+        register_coco_datasets(args.register_coco)
+        check_dataset_names(setup_cfg(args, freeze=False))
+    except (FileNotFoundError, ConfigError, DatasetError, ValueError) as e:
         parser.error(str(e))
     print("Command Line Args:", args)
     return launch(

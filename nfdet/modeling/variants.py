@@ -6,6 +6,7 @@ pretraining configs (``configs/pretrain/``), never here.
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 
 __all__ = ["NFNetSpec", "NFNET_VARIANTS", "get_variant"]
@@ -92,8 +93,11 @@ def get_variant(name: str) -> NFNetSpec:
     for valid in NFNET_VARIANTS:
         if valid.lower() == key.lower():
             return NFNET_VARIANTS[valid]
+    by_lower = {valid.lower(): valid for valid in NFNET_VARIANTS}
+    close = [by_lower[k] for k in difflib.get_close_matches(key.lower(), by_lower, n=3)]
+    hint = f" Did you mean {' or '.join(close)}?" if close else ""
     raise ValueError(
-        f"Unknown NFNet variant {name!r}. Valid variants: {', '.join(NFNET_VARIANTS)}"
+        f"Unknown NFNet variant {name!r}.{hint} Valid variants: {', '.join(NFNET_VARIANTS)}"
     )
 
 
