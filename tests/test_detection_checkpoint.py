@@ -86,17 +86,21 @@ def test_classification_checkpoint_loads(tmp_path, caplog, backbone_name, res5_f
     assert loaded == len([k for k in state if k.startswith(prefix)])
 
 
-def test_mismatched_checkpoint_is_reported_by_name(tmp_path, caplog):
-    # A classifier of another architecture: wider stage widths.
+def test_mismatched_checkpoint_is_an_error_naming_keys_and_shapes(tmp_path):
+    # A classifier of another architecture: wider stage widths. detectron2 would only warn and
+    # skip those tensors; a backbone that silently stays at random init must be an error.
     path, _ = _classification_checkpoint(tmp_path, widths=(32, 64, 128, 192))
     model = _model()
-    checkpointer = NFNetCheckpointer(model)
-    with caplog.at_level(logging.INFO):
-        checkpointer.load(str(path))
-    mismatched = [k for k, *_ in checkpointer.last_incompatible.incorrect_shapes]
-    assert "backbone.bottom_up.trunk.stages.3.0.conv3.weight" in mismatched
-    assert "backbone.bottom_up.trunk.stages.3.0.conv3.weight" in caplog.text
-    assert "NOT loaded" in caplog.text
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError) as info:
+        NFNetCheckpointer(model).load(str(path))
+    message = str(info.value)
+    assert str(path) in message and "variant nano" in message
+    assert ("backbone.bottom_up.trunk.stages.3.0.conv3.weight: checkpoint (192, 96, 1, 1) vs "
+            "model (128, 64, 1, 1)") in message
+    # Nothing was loaded.
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
 
 
 def test_detection_checkpoint_round_trip(tmp_path):

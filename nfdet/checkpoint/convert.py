@@ -32,8 +32,8 @@ import pickle
 import re
 import tempfile
 import zipfile
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -48,6 +48,9 @@ __all__ = [
     "convert_deepmind_params",
     "convert_weights",
     "save_checkpoint",
+    "load_torch_checkpoint",
+    "atomic_write",
+    "write_text_atomic",
     "infer_variant",
 ]
 
@@ -169,7 +172,12 @@ def load_source(path: str) -> tuple[str, Mapping]:
                 f"{path}: a zip archive that is not a torch.save file (entries: {names[:5]}...); "
                 "expected a DeepMind NFNet dill pickle or a timm/nfdet torch checkpoint"
             )
-        obj = _torch_load(path)
+        obj = load_torch_checkpoint(path)
+    elif head == b"PK":
+        raise CheckpointFormatError(
+            f"{path}: a damaged zip archive (truncated or corrupted torch.save file?): its "
+            "central directory cannot be read"
+        )
     elif head[:1] == b"\x80" and _is_legacy_torch_file(path):
         obj = _torch_load(path)
     elif head[:1] == b"\x80":
@@ -220,7 +228,52 @@ def _torch_load(path: str) -> Any:
                 f"{path}: the torch checkpoint holds non-tensor objects that weights_only loading "
                 "refuses; save just the state dict (torch.save(model.state_dict(), ...))"
             ) from e
-        raise
+        raise CheckpointFormatError(f"{path}: cannot unpickle the torch file ({e})") from e
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointFormatError(
+            f"{path}: cannot read the torch file (truncated or corrupted?): {e}"
+        ) from e
+
+
+def load_torch_checkpoint(path: str) -> Any:
+    """``torch.load`` a checkpoint on CPU (``weights_only=True``) after checking it is complete.
+
+    A ``torch.save`` file is a zip archive whose entries carry CRC32 checksums: a truncated file
+    (no central directory) and damaged bytes (a failing checksum) are reported by name instead of
+    surfacing as torch's "Invalid argument" or, worse, loading silently altered tensors.
+
+    Args:
+        path (str): the file.
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointFormatError: empty, truncated, corrupted or unreadable (the message names the
+            file and what is wrong).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Checkpoint {path} does not exist")
+    size = os.path.getsize(path)
+    if size == 0:
+        raise CheckpointFormatError(f"{path}: empty checkpoint file (0 bytes)")
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head == b"PK":
+        if not zipfile.is_zipfile(path):
+            raise CheckpointFormatError(
+                f"{path}: truncated or corrupted checkpoint ({size} bytes): the end of its zip "
+                "archive (central directory) is missing or damaged"
+            )
+        try:
+            with zipfile.ZipFile(path) as zf:
+                bad = zf.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+            raise CheckpointFormatError(f"{path}: corrupted checkpoint ({e})") from e
+        if bad is not None:
+            raise CheckpointFormatError(
+                f"{path}: corrupted checkpoint: entry {bad!r} fails its CRC32 check"
+            )
+    return _torch_load(path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -496,18 +549,41 @@ def convert_deepmind_params(
     return _finalize(sd, variant, source, source_keys)
 
 
-def save_checkpoint(checkpoint: Mapping[str, Any], path: str) -> None:
-    """``torch.save`` atomically: write a temporary file beside ``path``, then rename it.
+def _fsync_dir(directory: str) -> None:
+    """Make a rename in ``directory`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
-    A failure leaves any existing ``path`` untouched and no partial file behind.
+
+def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
+    """Write ``path`` atomically: ``write(f)`` fills a temporary file in the same folder, which is
+    flushed, fsynced and renamed onto ``path``.
+
+    Readers (and a process killed at any moment, even with SIGKILL) see either the old complete
+    file or the new complete file, never a partial one. A failure leaves ``path`` untouched and
+    removes the temporary file; a temporary file left by a killed writer of the same ``path`` is
+    removed by the next successful write.
+
+    Args:
+        path (str): the destination.
+        write (callable): writes the content into the binary file object it is given.
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=directory)
+    prefix = ".tmp-" + os.path.basename(path) + "-"
+    fd, tmp = tempfile.mkstemp(prefix=prefix, dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(checkpoint, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -515,6 +591,24 @@ def save_checkpoint(checkpoint: Mapping[str, Any], path: str) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    _fsync_dir(directory)
+    for name in os.listdir(directory):
+        if name.startswith(prefix):  # left by a writer killed mid-write
+            try:
+                os.remove(os.path.join(directory, name))
+            except OSError:
+                pass
+
+
+def save_checkpoint(checkpoint: Mapping[str, Any], path: str) -> None:
+    """``torch.save`` atomically (see ``atomic_write``): a temporary file beside ``path``,
+    fsynced, then renamed. A failure or a kill leaves any existing ``path`` untouched."""
+    atomic_write(path, lambda f: torch.save(checkpoint, f))
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Replace a small text file (e.g. a ``last_checkpoint`` pointer) atomically."""
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def convert_weights(src: str, out: str | None = None, variant: str | None = None) -> dict:

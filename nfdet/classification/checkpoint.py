@@ -2,7 +2,9 @@
 
 Layout of ``OUTPUT_DIR``:
 
-- ``model_<step:07d>.pth``: full training state, written atomically (temporary file + rename) by
+- ``model_<step:07d>.pth``: full training state, written atomically (temporary file, fsync,
+  rename; ``nfdet.checkpoint.convert.atomic_write``: a process killed even inside a save leaves
+  the previous checkpoint and ``last_checkpoint`` intact) by
   process 0 every ``SOLVER.CHECKPOINT_PERIOD`` steps, at epoch ends and at the end; the newest
   ``SOLVER.CHECKPOINT_KEEP`` are kept. ``model_final.pth`` is the state after the last step.
 - ``last_checkpoint``: a one-line text file naming the newest complete checkpoint (also replaced
@@ -16,7 +18,7 @@ weights_only=True)`` reads it)::
 
     {"model": state dict, "optimizer": state dict, "ema": {"model", "num_updates", "decay"} | None,
      "grad_scaler": state dict | None, "step": int, "epoch": int, "step_in_epoch": int,
-     "steps_per_epoch": int, "world_size": int,
+     "steps_per_epoch": int, "world_size": int, "seed": int (the run's seed),
      "rng": [per-rank {"torch": ByteTensor, "cuda": [ByteTensor], "numpy": (str, LongTensor, int,
              int, float), "python": tuple}],
      "meta": {"variant", "num_classes", "config" (YAML text)}}
@@ -33,7 +35,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from nfdet.checkpoint import save_checkpoint
+from nfdet.checkpoint.convert import (
+    CheckpointFormatError,
+    load_torch_checkpoint,
+    save_checkpoint,
+    write_text_atomic,
+)
 
 __all__ = [
     "get_rng_state",
@@ -41,6 +48,8 @@ __all__ = [
     "save_training_checkpoint",
     "find_last_checkpoint",
     "load_checkpoint_file",
+    "list_checkpoints",
+    "state_dict_mismatch",
 ]
 
 logger = logging.getLogger(__name__)
@@ -92,18 +101,24 @@ def save_training_checkpoint(output_dir: str, checkpoint: dict, step: int, keep:
     name = "model_final.pth" if final else f"model_{step:07d}.pth"
     path = os.path.join(output_dir, name)
     save_checkpoint(checkpoint, path)
-    # The pointer moves only once the checkpoint is complete on disk.
-    tmp = os.path.join(output_dir, f".{LAST_CHECKPOINT}.tmp")
-    with open(tmp, "w") as f:
-        f.write(name)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(output_dir, LAST_CHECKPOINT))
+    # The pointer moves only once the checkpoint is complete on disk; older checkpoints are
+    # removed only after that.
+    write_text_atomic(os.path.join(output_dir, LAST_CHECKPOINT), name)
     numbered = sorted(n for n in os.listdir(output_dir) if _CKPT_RE.match(n))
     for old in numbered[: max(len(numbered) - max(keep, 1), 0)]:
         if old != name:
             os.remove(os.path.join(output_dir, old))
     return path
+
+
+def list_checkpoints(output_dir: str) -> list[str]:
+    """The complete checkpoints of ``output_dir`` (numbered ones by step, then the final one)."""
+    if not os.path.isdir(output_dir):
+        return []
+    names = sorted(n for n in os.listdir(output_dir) if _CKPT_RE.match(n))
+    if os.path.isfile(os.path.join(output_dir, "model_final.pth")):
+        names.append("model_final.pth")
+    return [os.path.join(output_dir, n) for n in names]
 
 
 def find_last_checkpoint(output_dir: str) -> str | None:
@@ -120,13 +135,44 @@ def find_last_checkpoint(output_dir: str) -> str | None:
 
 
 def load_checkpoint_file(path: str) -> dict:
-    """``torch.load`` a checkpoint on CPU with ``weights_only=True``, with a clear error."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Checkpoint {path!r} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise RuntimeError(f"Cannot read checkpoint {path!r}: {e}") from e
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise ValueError(f"Checkpoint {path!r} is not an nfdet checkpoint (no 'model' entry)")
+    """Read an nfdet checkpoint on CPU with ``weights_only=True``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointFormatError: empty, truncated, corrupted (a failing CRC32 of the zip archive),
+            unreadable, or not an nfdet checkpoint; the message names the file.
+    """
+    ckpt = load_torch_checkpoint(path)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+        raise CheckpointFormatError(
+            f"{path}: not an nfdet checkpoint (expected a dict with a 'model' state dict)"
+        )
     return ckpt
+
+
+def state_dict_mismatch(own: dict[str, torch.Tensor], loaded: dict[str, Any],
+                        ignore: tuple[str, ...] = ()) -> str:
+    """Describe how ``loaded`` fails to fit ``own``: missing keys, unexpected keys, and keys
+    whose shapes differ (both shapes). Empty when it fits.
+
+    Args:
+        own (dict): the model's state dict.
+        loaded (dict): the checkpoint's.
+        ignore (tuple[str]): keys allowed to be missing or of another shape.
+    """
+    missing = [k for k in own if k not in loaded and k not in ignore]
+    unexpected = [k for k in loaded if k not in own]
+    shapes = [
+        f"{k}: checkpoint {tuple(loaded[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in loaded and k not in ignore and isinstance(loaded[k], torch.Tensor)
+        and loaded[k].shape != own[k].shape
+    ]
+    parts = []
+    for title, items in (("shape mismatches", shapes), ("missing keys", missing),
+                         ("unexpected keys", unexpected)):
+        if items:
+            shown = "; ".join(items[:12]) + (f"; ... ({len(items) - 12} more)"
+                                               if len(items) > 12 else "")
+            parts.append(f"{len(items)} {title}: {shown}")
+    return "\n  ".join(parts)

@@ -22,15 +22,18 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from nfdet.checkpoint.convert import CheckpointFormatError
 from nfdet.modeling import build_nfnet, canonical_name
 from nfdet.solver import build_optimizer, get_agc_stats
 
 from .checkpoint import (
     find_last_checkpoint,
     get_rng_state,
+    list_checkpoints,
     load_checkpoint_file,
     save_training_checkpoint,
     set_rng_state,
+    state_dict_mismatch,
 )
 from .config import scaled_lr
 from .data import build_dataset, build_test_loader, build_train_loader
@@ -68,6 +71,18 @@ def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def _variant_note(ckpt: dict, variant: str) -> str:
+    meta = ckpt.get("meta")
+    other = meta.get("variant") if isinstance(meta, dict) else None
+    if other is None:
+        return ""
+    try:
+        other = canonical_name(str(other))
+    except (KeyError, ValueError):
+        pass
+    return f" (the checkpoint says variant {other})" if other != variant else ""
 
 
 def build_pretrain_model(cfg) -> nn.Module:
@@ -254,6 +269,12 @@ class PretrainTrainer:
         self.warmup_iters = min(round(cfg.SOLVER.WARMUP_EPOCHS * self.steps_per_epoch),
                                 self.max_iter)
         self.step = 0
+        # The checkpoint this run last saved or resumed from: named when training diverges.
+        self.last_checkpoint: str | None = None
+        # First step (1-based, as in metrics.jsonl) whose loss was not finite; -1 while none.
+        # Kept on the device and read only at logging, evaluation and checkpoint time, so the
+        # check adds no synchronization per step.
+        self._first_nonfinite = torch.full((), -1, dtype=torch.int64, device=self.device)
 
     # ----------------------------------------------------------------------------------- set-up
     def _shared_random_seed(self) -> int:
@@ -263,19 +284,21 @@ class PretrainTrainer:
         return seed[0]
 
     def _load_initial_weights(self, path: str) -> None:
-        state = load_checkpoint_file(path)["model"]
+        ckpt = load_checkpoint_file(path)
+        state = dict(ckpt["model"])
         own = self.model.state_dict()
+        # A classifier head of another size (pretrained on other classes) is skipped.
         skipped = [k for k in ("head.fc.weight", "head.fc.bias")
-                   if k in state and state[k].shape != own[k].shape]
+                   if k in state and k in own and state[k].shape != own[k].shape]
+        problems = state_dict_mismatch(own, state, ignore=tuple(skipped))
+        if problems:
+            raise ValueError(
+                f"MODEL.WEIGHTS {path} does not fit NFNet {self.variant}"
+                f"{_variant_note(ckpt, self.variant)}:\n  {problems}"
+            )
         for k in skipped:
             del state[k]
-        missing, unexpected = self.model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if k not in skipped]
-        if missing or unexpected:
-            raise ValueError(
-                f"MODEL.WEIGHTS {path!r} does not fit NFNet {self.variant}: missing "
-                f"{missing[:5]}, unexpected {unexpected[:5]}"
-            )
+        self.model.load_state_dict(state, strict=False)
         if skipped:
             logger.warning("MODEL.WEIGHTS: classifier of another size skipped (%s)", skipped)
         logger.info("Initial weights loaded from %s", path)
@@ -293,7 +316,21 @@ class PretrainTrainer:
             logger.warning("--resume: no checkpoint in %s; starting from scratch",
                            self.cfg.OUTPUT_DIR)
             return
-        ckpt = load_checkpoint_file(path)
+        try:
+            ckpt = load_checkpoint_file(path)
+        except (CheckpointFormatError, OSError) as e:
+            others = [p for p in list_checkpoints(self.cfg.OUTPUT_DIR) if p != path]
+            raise CheckpointFormatError(
+                f"--resume: cannot read the last checkpoint: {e}. Other checkpoints in "
+                f"{self.cfg.OUTPUT_DIR}: {others or 'none'} (to resume from one, write its file "
+                f"name into {os.path.join(self.cfg.OUTPUT_DIR, 'last_checkpoint')})"
+            ) from e
+        problems = state_dict_mismatch(self.model.state_dict(), ckpt["model"])
+        if problems:
+            raise ValueError(
+                f"--resume: {path} does not fit NFNet {self.variant}"
+                f"{_variant_note(ckpt, self.variant)}:\n  {problems}"
+            )
         if ckpt.get("steps_per_epoch") != self.steps_per_epoch:
             raise ValueError(
                 f"{path} was written with {ckpt.get('steps_per_epoch')} steps per epoch, this run "
@@ -306,6 +343,8 @@ class PretrainTrainer:
         if self.scaler is not None and ckpt.get("grad_scaler") is not None:
             self.scaler.load_state_dict(ckpt["grad_scaler"])
         self.step = int(ckpt["step"])
+        # The run's seed (drawn at random when SEED < 0) keeps deriving MixUp/CutMix draws.
+        self.seed = int(ckpt.get("seed", self.seed))
         rng = ckpt.get("rng") or []
         if ckpt.get("world_size") == self.world_size and len(rng) == self.world_size:
             set_rng_state(rng[self.rank])
@@ -313,6 +352,7 @@ class PretrainTrainer:
             logger.warning("Checkpoint from %s processes, now %d: RNG streams re-seeded",
                            ckpt.get("world_size"), self.world_size)
             _seed_all(self.seed + 1 + self.rank + 7919 * self.step)
+        self.last_checkpoint = path
         logger.info("Resumed from %s at step %d (epoch %d)", path, self.step,
                     self.step // self.steps_per_epoch)
 
@@ -368,17 +408,55 @@ class PretrainTrainer:
             "step_in_epoch": self.step % self.steps_per_epoch,
             "steps_per_epoch": self.steps_per_epoch,
             "world_size": self.world_size,
+            "seed": self.seed,
             "rng": rng,
             "meta": {"variant": self.variant, "num_classes": self.cfg.MODEL.NUM_CLASSES,
                      "config": self.cfg.dump()},
         }
 
+    def _diverged(self, what: str, step: int) -> FloatingPointError:
+        if self.last_checkpoint is not None:
+            where = (f"the last good checkpoint is {self.last_checkpoint}; continue from it with "
+                     "--resume (after lowering SOLVER.BASE_LR or SOLVER.AGC.CLIPPING, say)")
+        else:
+            where = (f"this run has saved no checkpoint yet (nothing in {self.cfg.OUTPUT_DIR} "
+                     "was written by it)")
+        return FloatingPointError(
+            f"Training diverged: {what} at step {step} (numbering of metrics.jsonl). Stopped "
+            f"without saving the diverged weights; {where}."
+        )
+
+    def check_finite(self, weights: bool = False) -> None:
+        """Raise ``FloatingPointError`` if a loss since the start was not finite (or, with
+        ``weights``, if a parameter is not finite), naming the step and the last good
+        checkpoint. Call on every process at the same step (it synchronizes them)."""
+        first = self._first_nonfinite.clone()
+        if self.world_size > 1:
+            first = torch.where(first < 0, torch.iinfo(torch.int64).max, first)
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+            first = torch.where(first == torch.iinfo(torch.int64).max, -1, first)
+        step = int(first.item())
+        if step >= 0:
+            raise self._diverged("the loss is NaN or infinite", step)
+        if weights:
+            finite = torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()
+            if not bool(finite):
+                raise self._diverged("the weights are NaN or infinite", self.step)
+
     def save(self, final: bool = False) -> None:
+        """Write a training checkpoint (process 0), after checking that loss and weights are
+        finite: a diverged state never replaces a good checkpoint."""
+        self.check_finite(weights=True)
         state = self.checkpoint_state()
         if self.rank == 0:
             path = save_training_checkpoint(self.cfg.OUTPUT_DIR, state, self.step,
                                             self.cfg.SOLVER.CHECKPOINT_KEEP, final=final)
+            self.last_checkpoint = path
             logger.info("Saved %s", path)
+        else:
+            self.last_checkpoint = os.path.join(
+                self.cfg.OUTPUT_DIR, "model_final.pth" if final else f"model_{self.step:07d}.pth"
+            )
         if self.world_size > 1:
             dist.barrier()
 
@@ -440,6 +518,10 @@ class PretrainTrainer:
                     lr = self._set_lr(self.step)
                     loss, correct = self.run_step(images, labels)
                     self.step += 1
+                    self._first_nonfinite = torch.where(
+                        ~torch.isfinite(loss) & (self._first_nonfinite < 0), self.step,
+                        self._first_nonfinite,
+                    )
                     window += torch.stack([loss.double(), correct.double(),
                                            torch.tensor(labels.shape[0], dtype=torch.float64,
                                                         device=self.device)])
@@ -448,6 +530,7 @@ class PretrainTrainer:
                         bar.update(1)
                     last = self.step >= stop
                     if self.step % cfg.LOG.PERIOD == 0 or last:
+                        self.check_finite()
                         metrics = self._log_window(window, window_steps, window_start, data_time,
                                                    lr, epoch)
                         if writer is not None:
@@ -460,6 +543,7 @@ class PretrainTrainer:
                     epoch_end = self.step % self.steps_per_epoch == 0
                     if cfg.TEST.EVAL_PERIOD > 0 and self.step % cfg.TEST.EVAL_PERIOD == 0 \
                             and self.step < self.max_iter:
+                        self.check_finite()
                         results = self._eval_and_log(writer, epoch)
                     if self.step == self.max_iter:
                         self.save(final=True)
