@@ -152,8 +152,8 @@ def load_checkpoint_file(path: str) -> dict:
 
 def state_dict_mismatch(own: dict[str, torch.Tensor], loaded: dict[str, Any],
                         ignore: tuple[str, ...] = ()) -> str:
-    """Describe how ``loaded`` fails to fit ``own``: missing keys, unexpected keys, and keys
-    whose shapes differ (both shapes). Empty when it fits.
+    """Describe how ``loaded`` fails to fit ``own``, one line per key (at most 20 of each kind):
+    keys whose shapes differ (both shapes), missing keys, unexpected keys. Empty when it fits.
 
     Args:
         own (dict): the model's state dict.
@@ -168,11 +168,10 @@ def state_dict_mismatch(own: dict[str, torch.Tensor], loaded: dict[str, Any],
         if k in loaded and k not in ignore and isinstance(loaded[k], torch.Tensor)
         and loaded[k].shape != own[k].shape
     ]
-    parts = []
-    for title, items in (("shape mismatches", shapes), ("missing keys", missing),
-                         ("unexpected keys", unexpected)):
-        if items:
-            shown = "; ".join(items[:12]) + (f"; ... ({len(items) - 12} more)"
-                                               if len(items) > 12 else "")
-            parts.append(f"{len(items)} {title}: {shown}")
-    return "\n  ".join(parts)
+    lines = []
+    for title, items in (("shape mismatch", shapes), ("missing", missing),
+                         ("unexpected", unexpected)):
+        lines += [f"{title}: {item}" for item in items[:20]]
+        if len(items) > 20:
+            lines.append(f"... {len(items) - 20} more {title} keys")
+    return "\n  ".join(lines)

@@ -564,6 +564,9 @@ class PretrainTrainer:
             else:
                 logger.info("Stopped at step %d of %d (SOLVER.STOP_ITER); continue with --resume",
                             self.step, self.max_iter)
+        except FloatingPointError as e:
+            logger.error("%s", e)  # into log.txt too
+            raise
         finally:
             if bar is not None:
                 bar.close()

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from detectron2.data import DatasetFromList, DatasetMapper, get_detection_dataset_dicts
+from detectron2.data import DatasetFromList, get_detection_dataset_dicts
 from detectron2.data.build import trivial_batch_collator
 from detectron2.data.samplers import (
     RandomSubsetTrainingSampler,
@@ -45,6 +45,7 @@ from detectron2.utils.events import CommonMetricPrinter
 
 from ..solver import build_optimizer, get_agc_stats
 from .checkpoint import NFNetCheckpointer
+from .data import NFNetDatasetMapper
 
 __all__ = [
     "NFNetTrainer",
@@ -216,7 +217,8 @@ def build_resumable_train_loader(cfg, dataset: Sequence[dict] | None = None,
         dataset (list[dict] | None): dataset dicts (default: ``DATASETS.TRAIN``, filtered as
             detectron2's ``build_detection_train_loader`` does).
         mapper (callable | None): dataset dict -> model input; returning None drops the sample
-            (another takes its place). Default: ``DatasetMapper(cfg, True)``.
+            (another takes its place). Default: ``NFNetDatasetMapper`` (any image mode read as
+            RGB; unreadable training images skipped, see ``nfdet.detection.data``).
 
     Returns:
         ResumableTrainLoader | None: None for a sampler other than ``TrainingSampler``,
@@ -243,7 +245,8 @@ def build_resumable_train_loader(cfg, dataset: Sequence[dict] | None = None,
                          f"the number of processes ({world})")
     return ResumableTrainLoader(
         dataset,
-        mapper if mapper is not None else DatasetMapper(cfg, True),
+        mapper if mapper is not None else NFNetDatasetMapper(cfg, True,
+                                                             dataset_size=len(dataset)),
         factory,
         cfg.SOLVER.IMS_PER_BATCH // world,
         aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,

@@ -1,0 +1,342 @@
+"""Bad checkpoints and diverging runs, in both trainers: a weights file of another variant is an
+error naming the mismatching keys and shapes; a truncated or corrupted checkpoint is an error
+naming the file; a NaN/inf loss stops training naming the iteration and the last good checkpoint,
+which stays intact. Nothing already written is lost."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from detectron2.data import DatasetCatalog
+from detectron2.data.datasets import register_coco_instances
+from PIL import Image
+
+from nfdet.checkpoint import save_checkpoint
+from nfdet.checkpoint.convert import CheckpointFormatError, load_torch_checkpoint
+from nfdet.classification import PretrainTrainer, get_pretrain_cfg
+from nfdet.classification.checkpoint import save_training_checkpoint
+from nfdet.detection import NFNetCheckpointer, NFNetTrainer, get_nfdet_cfg
+from nfdet.modeling import build_nfnet
+
+REPO = Path(__file__).resolve().parents[1]
+QUICK = REPO / "configs" / "quick" / "nfnet_nano_mask_rcnn_instant.yaml"
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    """File name -> sha256 of every file in ``folder`` (to show nothing was changed)."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _flip_bytes(path: Path) -> None:
+    """Damage bytes in the middle of the file (inside tensor data), keeping its length."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    for i in range(middle, middle + 64):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+# ------------------------------------------------------------------------------- shared loader
+def test_truncated_corrupted_and_empty_files_are_named(tmp_path):
+    path = tmp_path / "ckpt.pth"
+    save_checkpoint({"model": {"w": torch.randn(64, 64)}}, path)
+    assert torch.equal(load_torch_checkpoint(path)["model"]["w"],
+                       torch.load(path, weights_only=True)["model"]["w"])
+    damaged = {"truncated": (_truncate, "truncated or corrupted"),
+               "flipped": (_flip_bytes, "CRC32"),
+               "empty": (lambda p: p.write_bytes(b""), "empty")}
+    for name, (damage, expected) in damaged.items():
+        bad = tmp_path / f"{name}.pth"
+        bad.write_bytes(path.read_bytes())
+        damage(bad)
+        with pytest.raises(CheckpointFormatError, match=expected) as info:
+            load_torch_checkpoint(bad)
+        assert str(bad) in str(info.value)
+    # torch.load alone reads the byte-flipped file without complaint: the CRC check matters.
+    flipped = torch.load(tmp_path / "flipped.pth", weights_only=True)["model"]["w"]
+    assert not torch.equal(flipped, torch.load(path, weights_only=True)["model"]["w"])
+
+
+def test_convert_weights_cli_names_a_truncated_file(tmp_path):
+    src = tmp_path / "dm_nfnet_nano.pth"
+    torch.save(build_nfnet("nano", num_classes=3).state_dict(), src)
+    _truncate(src)
+    out = tmp_path / "out.pth"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "convert_weights.py"), str(src), str(out)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 1
+    assert str(src) in proc.stderr and "truncated or corrupted" in proc.stderr
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------ detection
+def _det_model():
+    from detectron2.modeling import build_model
+
+    cfg = get_nfdet_cfg()
+    cfg.merge_from_file(str(QUICK))
+    return build_model(cfg)
+
+
+def _classifier_file(tmp_path: Path, name: str, **overrides) -> Path:
+    path = tmp_path / name
+    model = build_nfnet("nano", num_classes=3, **overrides)
+    save_checkpoint({"model": model.state_dict(), "meta": {"variant": "nano-mod"}}, path)
+    return path
+
+
+def test_detection_weights_of_another_variant_are_an_error(tmp_path):
+    # Deeper (an extra block in res3) and shallower (a block of res4 missing) than nano.
+    deeper = _classifier_file(tmp_path, "deeper.pth", depths=(1, 2, 2, 1))
+    shallower = _classifier_file(tmp_path, "shallower.pth", depths=(1, 1, 1, 1))
+    model = _det_model()
+    with pytest.raises(ValueError) as info:
+        NFNetCheckpointer(model).load(str(deeper))
+    message = str(info.value)
+    assert str(deeper) in message and "variant nano-mod" in message
+    assert ("backbone.bottom_up.trunk.stages.1.1.conv1.weight: in the checkpoint (32, 64, 1, 1) "
+            "but not in the model") in message
+    with pytest.raises(ValueError) as info:
+        NFNetCheckpointer(model).load(str(shallower))
+    assert ("backbone.bottom_up.trunk.stages.2.1.conv1.weight: missing from the checkpoint "
+            "(model (64, 128, 1, 1))") in str(info.value)
+
+    # A detector checkpoint (resumed through last_checkpoint) of a wider backbone.
+    from detectron2.modeling import build_model
+
+    cfg = get_nfdet_cfg()
+    cfg.merge_from_file(str(QUICK))
+    cfg.MODEL.FPN.OUT_CHANNELS = 64
+    wide = build_model(cfg)
+    trunk = build_nfnet("nano", num_classes=3, widths=(32, 64, 128, 192)).state_dict()
+    wide_sd = {k: v for k, v in wide.state_dict().items()
+               if not k.startswith("backbone.bottom_up.trunk.")}
+    wide_sd.update({"backbone.bottom_up." + k: v for k, v in trunk.items()
+                    if k.startswith("trunk.")})
+    out = tmp_path / "run"
+    out.mkdir()
+    save_checkpoint({"model": wide_sd, "iteration": 5}, out / "model_0000005.pth")
+    (out / "last_checkpoint").write_text("model_0000005.pth")
+    before = _snapshot(out)
+    with pytest.raises(ValueError) as info:
+        NFNetCheckpointer(_det_model(), save_dir=str(out)).resume_or_load("", resume=True)
+    assert str(out / "model_0000005.pth") in str(info.value)
+    assert ("backbone.bottom_up.trunk.final_conv.weight: checkpoint (384, 192, 1, 1) vs model "
+            "(256, 128, 1, 1)") in str(info.value)
+    assert _snapshot(out) == before
+
+
+def test_detection_weights_of_the_right_variant_still_load(tmp_path):
+    # Control for the test above: the same construction with nano's own architecture loads.
+    path = _classifier_file(tmp_path, "nano.pth")
+    checkpointer = NFNetCheckpointer(_det_model())
+    checkpointer.load(str(path))
+    assert checkpointer.last_incompatible.incorrect_shapes == []
+
+
+@pytest.mark.parametrize("damage, expected", [(_truncate, "truncated or corrupted"),
+                                              (_flip_bytes, "CRC32")])
+def test_detection_damaged_checkpoint_is_named(tmp_path, damage, expected):
+    out = tmp_path / "run"
+    model = _det_model()
+    NFNetCheckpointer(model, save_dir=str(out)).save("model_0000003", iteration=3)
+    weights = tmp_path / "weights.pth"
+    weights.write_bytes((out / "model_0000003.pth").read_bytes())
+    damage(weights)
+    with pytest.raises(CheckpointFormatError, match=expected) as info:
+        NFNetCheckpointer(_det_model()).resume_or_load(str(weights), resume=False)
+    assert str(weights) in str(info.value)
+    # The same damage to the checkpoint --resume would use.
+    damage(out / "model_0000003.pth")
+    before = _snapshot(out)
+    with pytest.raises(CheckpointFormatError, match=expected) as info:
+        NFNetCheckpointer(_det_model(), save_dir=str(out)).resume_or_load("", resume=True)
+    assert str(out / "model_0000003.pth") in str(info.value)
+    assert _snapshot(out) == before
+
+
+def test_detection_checkpointer_refuses_non_finite_weights(tmp_path):
+    model = _det_model()
+    checkpointer = NFNetCheckpointer(model, save_dir=str(tmp_path))
+    checkpointer.save("model_0000001", iteration=1)
+    before = _snapshot(tmp_path)
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] = float("inf")
+    with pytest.raises(FloatingPointError) as info:
+        checkpointer.save("model_0000003", iteration=3)
+    message = str(info.value)
+    assert "iteration 3" in message and str(tmp_path / "model_0000001.pth") in message
+    assert _snapshot(tmp_path) == before  # nothing written, last_checkpoint unchanged
+
+
+def _tiny_dataset_name(tiny_coco) -> str:
+    json_path, image_dir = tiny_coco
+    name = f"nfdet_reliability_{abs(hash(str(json_path)))}"
+    if name not in DatasetCatalog.list():
+        register_coco_instances(name, {}, str(json_path), str(image_dir))
+    return name
+
+
+def _nan_from(model: torch.nn.Module, trainer, iteration: int) -> None:
+    """Make the detector's losses NaN from ``iteration`` on (as a diverged run's would be)."""
+    forward = model.forward
+
+    def patched(*args, **kwargs):
+        losses = forward(*args, **kwargs)
+        if trainer.iter >= iteration:
+            losses = {k: v * float("nan") for k, v in losses.items()}
+        return losses
+
+    model.forward = patched
+
+
+@pytest.mark.parametrize("nan_at, last_good", [(4, "model_0000003.pth"), (0, None)])
+def test_detection_nan_loss_stops_naming_iteration_and_last_checkpoint(tiny_coco, tmp_path,
+                                                                        nan_at, last_good):
+    cfg = get_nfdet_cfg()
+    cfg.merge_from_file(str(QUICK))
+    cfg.DATASETS.TRAIN = (_tiny_dataset_name(tiny_coco),)
+    cfg.DATASETS.TEST = ()
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 2
+    cfg.SOLVER.MAX_ITER, cfg.SOLVER.CHECKPOINT_PERIOD = 8, 2
+    cfg.OUTPUT_DIR = str(tmp_path / "out")
+    cfg.SEED = 1
+    trainer = NFNetTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    _nan_from(trainer.model, trainer, nan_at)
+    with pytest.raises(FloatingPointError) as info:
+        trainer.train()
+    message = str(info.value)
+    assert f"at iteration {nan_at}" in message
+    out = Path(cfg.OUTPUT_DIR)
+    saved = sorted(p.name for p in out.glob("model_*.pth"))
+    if last_good is None:
+        assert "Last good checkpoint: none" in message
+        assert saved == []
+        return
+    assert f"Last good checkpoint: {out / last_good}" in message
+    assert saved == ["model_0000001.pth", "model_0000003.pth"]
+    assert (out / "last_checkpoint").read_text() == last_good
+    state = torch.load(out / last_good, weights_only=True)["model"]
+    assert all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
+
+
+# --------------------------------------------------------------------------------- pretraining
+def _shapes(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (root / "train" / c).mkdir(parents=True, exist_ok=True)
+        for i in range(8):
+            pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / "train" / c / f"{i}.png")
+    return root
+
+
+def _pretrain_cfg(data: Path, out: Path, **opts):
+    cfg = get_pretrain_cfg()
+    cfg.merge_from_list([
+        "MODEL.NFNET.VARIANT", "nano", "MODEL.NUM_CLASSES", "2", "DATA.ROOT", str(data),
+        "DATA.VAL_SPLIT", "", "DATA.NUM_WORKERS", "0", "INPUT.TRAIN_SIZE", "16",
+        "SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", "8", "SOLVER.CHECKPOINT_PERIOD", "2",
+        "SOLVER.CHECKPOINT_EVERY_EPOCH", "False", "LOG.PERIOD", "10",
+        "LOG.PROGRESS_BAR", "False", "LOG.TENSORBOARD", "False", "OUTPUT_DIR", str(out),
+        *[str(x) for kv in opts.items() for x in kv],
+    ])
+    out.mkdir(parents=True, exist_ok=True)
+    return cfg
+
+
+def test_pretrain_weights_of_another_variant_are_an_error(tmp_path):
+    data = _shapes(tmp_path / "data")
+    wide = tmp_path / "wide.pth"
+    save_checkpoint({"model": build_nfnet("nano", num_classes=2, widths=(32, 64, 128, 192))
+                     .state_dict(), "meta": {"variant": "F0"}}, wide)
+    cfg = _pretrain_cfg(data, tmp_path / "out", **{"MODEL.WEIGHTS": str(wide)})
+    with pytest.raises(ValueError) as info:
+        PretrainTrainer(cfg)
+    message = str(info.value)
+    assert str(wide) in message and "the checkpoint says variant F0" in message
+    assert ("shape mismatch: trunk.stages.3.0.conv3.weight: checkpoint (192, 96, 1, 1) vs model "
+            "(128, 64, 1, 1)") in message
+
+    # --resume from a checkpoint of a deeper model.
+    out = tmp_path / "resume"
+    deeper = build_nfnet("nano", num_classes=2, depths=(1, 2, 2, 1)).state_dict()
+    save_training_checkpoint(str(out), {"model": deeper, "step": 2}, step=2, keep=2)
+    before = _snapshot(out)
+    trainer = PretrainTrainer(_pretrain_cfg(data, out))
+    with pytest.raises(ValueError, match="unexpected: trunk.stages.1.1.") as info:
+        trainer.resume_or_load(True)
+    assert str(out / "model_0000002.pth") in str(info.value)
+    assert _snapshot(out) == before
+
+
+def test_pretrain_damaged_checkpoints_are_named(tmp_path):
+    data = _shapes(tmp_path / "data")
+    out = tmp_path / "out"
+    PretrainTrainer(_pretrain_cfg(data, out, **{"SOLVER.MAX_ITER": "4"})).train()
+    assert (out / "last_checkpoint").read_text() == "model_final.pth"
+    # MODEL.WEIGHTS truncated.
+    weights = tmp_path / "weights.pth"
+    weights.write_bytes((out / "backbone_final.pth").read_bytes())
+    _truncate(weights)
+    with pytest.raises(CheckpointFormatError, match="truncated or corrupted") as info:
+        PretrainTrainer(_pretrain_cfg(data, tmp_path / "o2", **{"MODEL.WEIGHTS": str(weights)}))
+    assert str(weights) in str(info.value)
+    # --resume from a corrupted last checkpoint: named, with the intact ones listed.
+    _flip_bytes(out / "model_final.pth")
+    before = _snapshot(out)
+    trainer = PretrainTrainer(_pretrain_cfg(data, out, **{"SOLVER.MAX_ITER": "4"}))
+    with pytest.raises(CheckpointFormatError, match="CRC32") as info:
+        trainer.resume_or_load(True)
+    message = str(info.value)
+    assert str(out / "model_final.pth") in message
+    assert str(out / "model_0000002.pth") in message  # the intact one, to resume from
+    assert _snapshot(out) == before
+
+
+@pytest.mark.parametrize("nan_step, last_good", [(5, "model_0000004.pth"), (1, None)])
+def test_pretrain_nan_loss_stops_naming_step_and_last_checkpoint(tmp_path, caplog, nan_step,
+                                                                  last_good):
+    data = _shapes(tmp_path / "data")
+    out = tmp_path / "out"
+    trainer = PretrainTrainer(_pretrain_cfg(data, out))
+    forward = trainer.model.forward
+
+    def patched(x):
+        logits = forward(x)
+        # self.step is the number of steps done: the step being taken is step + 1.
+        return logits * float("nan") if trainer.step + 1 >= nan_step else logits
+
+    trainer.model.forward = patched
+    with caplog.at_level(logging.ERROR, logger="nfdet.pretrain"):
+        with pytest.raises(FloatingPointError) as info:
+            trainer.train()
+    message = str(info.value)
+    assert f"at step {nan_step} " in message and message in caplog.text
+    saved = sorted(p.name for p in out.glob("model_*.pth"))
+    if last_good is None:
+        assert "saved no checkpoint" in message and saved == []
+        return
+    # LOG.PERIOD is 10: the check ran when checkpoint 6 was due, which was not written.
+    assert f"the last good checkpoint is {out / last_good}" in message
+    assert saved == ["model_0000002.pth", "model_0000004.pth"]
+    assert (out / "last_checkpoint").read_text() == last_good
+    state = torch.load(out / last_good, weights_only=True)
+    assert all(bool(torch.isfinite(v).all()) for v in state["model"].values()
+               if v.is_floating_point())
