@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,11 @@ from detectron2.data.datasets import register_coco_instances
 from PIL import Image
 
 from nfdet.checkpoint import save_checkpoint
-from nfdet.checkpoint.convert import CheckpointFormatError, load_torch_checkpoint
+from nfdet.checkpoint.convert import (
+    CheckpointFormatError,
+    load_torch_checkpoint,
+    write_text_atomic,
+)
 from nfdet.classification import PretrainTrainer, get_pretrain_cfg
 from nfdet.classification.checkpoint import save_training_checkpoint
 from nfdet.detection import NFNetCheckpointer, NFNetTrainer, get_nfdet_cfg
@@ -68,6 +73,26 @@ def test_truncated_corrupted_and_empty_files_are_named(tmp_path):
     # torch.load alone reads the byte-flipped file without complaint: the CRC check matters.
     flipped = torch.load(tmp_path / "flipped.pth", weights_only=True)["model"]["w"]
     assert not torch.equal(flipped, torch.load(path, weights_only=True)["model"]["w"])
+
+
+def test_kill_while_replacing_last_checkpoint_keeps_the_old_pointer(tmp_path):
+    pointer = tmp_path / "last_checkpoint"
+    write_text_atomic(str(pointer), "model_0000001.pth")
+    # A process SIGKILLed after writing the new pointer's bytes, before they are in place.
+    code = (
+        "import os, signal\n"
+        "from nfdet.checkpoint.convert import write_text_atomic\n"
+        "os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"write_text_atomic({str(pointer)!r}, 'model_0000003.pth')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    assert pointer.read_text() == "model_0000001.pth"
+    (torn,) = tmp_path.glob(".tmp-last_checkpoint-*")
+    assert torn.read_text() == "model_0000003.pth"
+    write_text_atomic(str(pointer), "model_0000003.pth")  # the resumed run's next save
+    assert pointer.read_text() == "model_0000003.pth"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last_checkpoint"]
 
 
 def test_convert_weights_cli_names_a_truncated_file(tmp_path):

@@ -140,10 +140,13 @@ class NFNetCheckpointer(DetectionCheckpointer):
     For a classification checkpoint, ``trunk.*`` is renamed to the model's trunk prefix and
     ``head.*`` is kept as is, so the usual report of incompatible keys names the classifier head
     (and the final conv when ``res5`` is not the final conv, or stages the detector does not
-    build) as unused, parameters missing from the checkpoint (the detection heads, FPN) as
-    missing, and shape mismatches (a checkpoint of another variant) by name. A summary is logged
-    as well; the last report is kept in ``last_incompatible`` (missing_keys, unexpected_keys,
-    incorrect_shapes) for programmatic checks.
+    build) as unused and parameters missing from the checkpoint (the detection heads, FPN) as
+    missing. A summary is logged as well; the last report is kept in ``last_incompatible``
+    (missing_keys, unexpected_keys, incorrect_shapes) for programmatic checks.
+
+    For any checkpoint, a trunk that does not fit (``trunk_mismatch``: another variant) raises
+    ``ValueError`` before anything is loaded; a damaged file raises ``CheckpointFormatError``.
+    ``save`` is atomic and refuses non-finite weights (see the module docstring).
     """
 
     last_incompatible = None
@@ -235,11 +238,6 @@ class NFNetCheckpointer(DetectionCheckpointer):
             f"Loaded {loaded}/{len(trunk_keys)} backbone tensors from the classification "
             f"checkpoint; unused checkpoint keys: {sorted(incompatible.unexpected_keys) or 'none'}"
         )
-        if missing or mismatched:
-            self.logger.warning(
-                "Backbone tensors NOT loaded from the classification checkpoint (another variant "
-                f"or architecture?): missing {sorted(missing)}; shape mismatch {sorted(mismatched)}"
-            )
 
     # -------------------------------------------------------------------------------- saving
     def save(self, name: str, **kwargs: Any) -> None:
