@@ -360,6 +360,18 @@ def test_rle_masks_with_polygon_format_named_before_training(tmp_path, tiny_coco
     assert build_train_loader(_detection_cfg(name, INPUT__MASK_FORMAT="bitmask")) is not None
 
 
+def test_boxes_without_masks_with_mask_on_named_before_training(tmp_path, tiny_coco):
+    data, _, image_dir = _coco(tiny_coco)
+    for ann in data["annotations"]:
+        del ann["segmentation"]
+    name = _register("boxes", _write(data, tmp_path / "boxes.json"), image_dir)
+    with pytest.raises(DatasetError, match=r"image '.*0001.png' has an annotation without a "
+                       r"mask, but MODEL.MASK_ON is True"):
+        build_train_loader(_detection_cfg(name))
+    batch = next(iter(build_train_loader(_detection_cfg(name, MODEL__MASK_ON=False))))
+    assert all(not d["instances"].has("gt_masks") for d in batch)
+
+
 # --- image files -----------------------------------------------------------------------------
 
 
@@ -415,8 +427,17 @@ def test_too_many_bad_images_stop_training(tiny_coco):
     mapper = NFNetDatasetMapper(cfg, True, dataset_size=len(records))
     for record in records[:-1]:
         assert mapper(record) is None
-    with pytest.raises(ImageReadError, match=r"4 images could not be read .*0004.png"):
+    with pytest.raises(ImageReadError, match=r"None of the 4 images of the dataset could be "
+                       r"read \(the last: '.*0004.png'\)"):
         mapper(records[-1])
+    # More than max(10, 1%) bad images of a larger dataset: stop too.
+    mapper = NFNetDatasetMapper(cfg, True, dataset_size=1000)
+    bad = [dict(records[0], file_name=str(image_dir / f"{i}.png")) for i in range(11)]
+    for record in bad[:-1]:
+        assert mapper(record) is None
+    with pytest.raises(ImageReadError, match=r"11 images could not be read \(limit 10; the "
+                       r"last: '.*10.png'\)"):
+        mapper(bad[-1])
 
 
 def test_image_size_differs_from_annotation(tiny_coco, tmp_path):

@@ -186,8 +186,9 @@ class NFNetDatasetMapper(DatasetMapper):
         self.max_bad_images = max(
             MIN_BAD_IMAGES, int(MAX_BAD_IMAGE_FRACTION * (dataset_size or 0))
         )
-        # Per data-loader worker: each worker holds its own copy of the mapper.
-        self.bad_images: set[str] = set()
+        # (image_id, file_name) of the bad images; per data-loader worker (each holds its own
+        # copy of the mapper).
+        self.bad_images: set[tuple] = set()
 
     def read_image(self, dataset_dict: dict) -> np.ndarray:
         """The image of ``dataset_dict`` in ``INPUT.FORMAT`` (HWC).
@@ -205,26 +206,32 @@ class NFNetDatasetMapper(DatasetMapper):
             )
         return utils.convert_PIL_to_numpy(rgb, self.image_format)
 
-    def _skip(self, file_name: str, error: ImageReadError) -> None:
-        self.bad_images.add(file_name)
+    def _skip(self, key: tuple, error: ImageReadError) -> None:
+        file_name = key[1]
+        self.bad_images.add(key)
         count = len(self.bad_images)
         logger.warning("Skipping image %d: %s", count, error)
-        if count > self.max_bad_images or (self.dataset_size and count >= self.dataset_size):
+        if self.dataset_size and count >= self.dataset_size:
+            raise ImageReadError(
+                f"None of the {count} images of the dataset could be read (the last: "
+                f"{file_name!r}), stopping", file_name
+            )
+        if count > self.max_bad_images:
             raise ImageReadError(
                 f"{count} images could not be read (limit {self.max_bad_images}; the last: "
                 f"{file_name!r}): the dataset looks broken, stopping", file_name
             )
 
     def __call__(self, dataset_dict: dict) -> dict | None:
-        file_name = dataset_dict["file_name"]
-        if self.is_train and file_name in self.bad_images:
+        key = (dataset_dict.get("image_id"), dataset_dict["file_name"])
+        if self.is_train and key in self.bad_images:
             return None  # known bad: the caller (detectron2's MapDataset) picks another image
         try:
             image = self.read_image(dataset_dict)
         except ImageReadError as e:
             if not self.is_train:
                 raise
-            self._skip(file_name, e)
+            self._skip(key, e)
             return None
         dataset_dict = copy.deepcopy(dataset_dict)
         sem_seg = None
@@ -248,17 +255,28 @@ class NFNetDatasetMapper(DatasetMapper):
         return dataset_dict
 
 
-def _check_mask_format(cfg, dataset: Sequence[dict]) -> None:
-    """RLE masks need ``INPUT.MASK_FORMAT bitmask``; with "polygon" detectron2 fails mid-run."""
-    if not cfg.MODEL.MASK_ON or cfg.INPUT.MASK_FORMAT != "polygon":
+def _check_masks(cfg, dataset: Sequence[dict]) -> None:
+    """With ``MODEL.MASK_ON`` every trained annotation needs a mask (detectron2 otherwise fails
+    in the mask head), and RLE masks need ``INPUT.MASK_FORMAT bitmask`` (with "polygon" it fails
+    while building the batch)."""
+    if not cfg.MODEL.MASK_ON:
         return
+    names = ", ".join(cfg.DATASETS.TRAIN)
     for record in dataset:
         for obj in record.get("annotations", []):
-            if not obj.get("iscrowd", 0) and isinstance(obj.get("segmentation"), dict):
+            if obj.get("iscrowd", 0):
+                continue  # crowd regions are not trained on
+            segm = obj.get("segmentation")
+            if not segm:
                 raise DatasetError(
-                    f"{', '.join(cfg.DATASETS.TRAIN)}: image {record['file_name']!r} has RLE "
-                    "masks, which INPUT.MASK_FORMAT 'polygon' cannot train on; set "
-                    "INPUT.MASK_FORMAT bitmask"
+                    f"{names}: image {record['file_name']!r} has an annotation without a mask, "
+                    "but MODEL.MASK_ON is True; give every annotation a segmentation or set "
+                    "MODEL.MASK_ON False"
+                )
+            if isinstance(segm, dict) and cfg.INPUT.MASK_FORMAT == "polygon":
+                raise DatasetError(
+                    f"{names}: image {record['file_name']!r} has RLE masks, which "
+                    "INPUT.MASK_FORMAT 'polygon' cannot train on; set INPUT.MASK_FORMAT bitmask"
                 )
 
 
@@ -266,8 +284,8 @@ def build_train_loader(cfg):
     """detectron2's train loader over ``DATASETS.TRAIN`` with ``NFNetDatasetMapper``.
 
     Raises:
-        DatasetError: no usable image (e.g. every annotation dropped), or RLE masks with
-            ``INPUT.MASK_FORMAT polygon``.
+        DatasetError: no usable image (e.g. every annotation dropped); with ``MODEL.MASK_ON``,
+            an annotation without a mask, or RLE masks with ``INPUT.MASK_FORMAT polygon``.
     """
     try:
         dataset = get_detection_dataset_dicts(
@@ -283,7 +301,7 @@ def build_train_loader(cfg):
             "without usable annotations are left out while DATALOADER.FILTER_EMPTY_ANNOTATIONS "
             "is True (see the warnings above for dropped annotations)"
         ) from None
-    _check_mask_format(cfg, dataset)
+    _check_masks(cfg, dataset)
     mapper = NFNetDatasetMapper(cfg, True, dataset_size=len(dataset))
     return build_detection_train_loader(cfg, mapper=mapper, dataset=dataset)
 
