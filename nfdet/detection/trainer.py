@@ -399,7 +399,8 @@ class NFNetTrainer(DefaultTrainer):
                 f"{self.cfg.OUTPUT_DIR} was written with diverged weights)"
             )
             raise FloatingPointError(
-                f"Training diverged: the loss is NaN or infinite at iteration {self.iter}. "
+                "Training diverged: the loss (or the predictions it comes from) became NaN or "
+                f"infinite at iteration {self.iter}. "
                 f"Stopped without saving the diverged weights. Last good checkpoint: {last} "
                 "(continue from it with --resume, e.g. with a lower SOLVER.BASE_LR or "
                 f"SOLVER.AGC.CLIPPING). detectron2 reported: {e}"
