@@ -65,7 +65,7 @@ def test_timm_uses_exact_gelu(timm_f0):
     x = torch.linspace(-3, 3, 101)
     torch.testing.assert_close(act(x.clone()), F.gelu(x) * GELU_GAMMA)
     assert not torch.allclose(act(x.clone()), F.gelu(x, approximate="tanh") * GELU_GAMMA)
-    assert build_nfnet("nano").trunk.stem.act.name == "gelu"
+    assert build_nfnet("nano").trunk.stem.activation == "gelu"
 
 
 def test_timm_f0_equivalence(timm_f0, tmp_path):

@@ -11,6 +11,7 @@ from torch import nn
 
 __all__ = [
     "ACTIVATION_GAMMA",
+    "activation_fn",
     "GammaAct",
     "ScaledStdConv2d",
     "SqueezeExcite",
@@ -35,6 +36,27 @@ _ACTIVATION_FN = {
 }
 
 
+# oneDNN post-ops (attr, algorithm) of the activations, for the packed eval convolution.
+_FUSED_ACTIVATION = {
+    None: ("none", ""),
+    "gelu": ("gelu", "none"),
+    "gelu_tanh": ("gelu", "tanh"),
+    "relu": ("relu", ""),
+    "silu": ("swish", ""),
+}
+_PACKED_CONV = torch.backends.mkldnn.is_available() and all(
+    hasattr(torch.ops.mkldnn, op)
+    for op in ("_reorder_convolution_weight", "_convolution_pointwise")
+)
+
+
+def activation_fn(name: str):
+    """The plain nonlinearity ``name`` (without gamma), for layers that fold gamma elsewhere."""
+    if name not in ACTIVATION_GAMMA:
+        raise ValueError(f"Unknown activation {name!r}; valid: {', '.join(ACTIVATION_GAMMA)}")
+    return _ACTIVATION_FN[name]
+
+
 class GammaAct(nn.Module):
     """A nonlinearity multiplied by its variance-preserving gain ``gamma``.
 
@@ -45,11 +67,9 @@ class GammaAct(nn.Module):
 
     def __init__(self, name: str = "gelu"):
         super().__init__()
-        if name not in ACTIVATION_GAMMA:
-            raise ValueError(f"Unknown activation {name!r}; valid: {', '.join(ACTIVATION_GAMMA)}")
+        self._fn = activation_fn(name)
         self.name = name
         self.gamma = ACTIVATION_GAMMA[name]
-        self._fn = _ACTIVATION_FN[name]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._fn(x) * self.gamma
@@ -66,6 +86,78 @@ def same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tupl
     return total // 2, total - total // 2
 
 
+class _StandardizeWeight(torch.autograd.Function):
+    """``w_hat = (w - mean) * gain * scale / sqrt(max(var * fan_in, eps))`` per output channel,
+    with a hand-written backward.
+
+    Autograd through ``var_mean``/``sub``/``mul`` makes about ten slow passes over every weight
+    per training step (the weights of an F0 are 280 MB). On CPU, when no channel is at the eps
+    floor (the rule for weights of any real scale), this is exactly a batch norm of the
+    ``(1, out_channels, fan_in)`` view with zero eps and the per-channel weight
+    ``gain * scale / sqrt(fan_in)``, so it runs on ATen's fused batch-norm kernels (two passes
+    forward, two backward). Otherwise (a channel at the floor; CUDA, where the check would
+    synchronise; under ``torch.compile``, which fuses the ops itself) a few elementwise ops do
+    it.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, gain, fan_in: int, eps: float, scale: float):
+        ctx.scale, ctx.fan_in = scale, fan_in
+        out_channels = weight.shape[0]
+        if weight.device.type == "cpu" and not torch.compiler.is_compiling():
+            flat = weight.reshape(1, out_channels, -1)
+            bn_weight = gain.reshape(out_channels) * (scale / math.sqrt(fan_in))
+            out, mean, invstd = torch.native_batch_norm(
+                flat, bn_weight, None, None, None, True, 0.0, 0.0
+            )
+            # invstd = 1 / sqrt(var): the floor is not reached while invstd <= sqrt(fan_in/eps).
+            if bool((invstd <= math.sqrt(fan_in / eps)).all()):
+                ctx.fast = True
+                ctx.save_for_backward(flat, bn_weight, mean, invstd)
+                return out.view_as(weight)
+        ctx.fast = False
+        var, mean = torch.var_mean(weight, dim=(1, 2, 3), keepdim=True, correction=0)
+        var_n = var * fan_in
+        inv_std = torch.rsqrt(torch.clamp(var_n, min=eps))
+        mult = inv_std * gain * scale
+        ctx.save_for_backward(weight, gain, mean, inv_std, var_n >= eps)
+        return torch.addcmul(-mean * mult, weight, mult)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        if ctx.fast:
+            flat, bn_weight, mean, invstd = ctx.saved_tensors
+            grad_flat, grad_bn_weight, _ = torch.ops.aten.native_batch_norm_backward(
+                grad.reshape(flat.shape), flat, bn_weight, None, None, mean, invstd, True, 0.0,
+                [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False],
+            )
+            grad_weight = grad_flat.view(grad.shape) if grad_flat is not None else None
+            grad_gain = None
+            if grad_bn_weight is not None:
+                grad_gain = (grad_bn_weight * (ctx.scale / math.sqrt(ctx.fan_in))).view(-1, 1, 1, 1)
+            return grad_weight, grad_gain, None, None, None
+        weight, gain, mean, inv_std, unclamped = ctx.saved_tensors
+        dims = (1, 2, 3)
+        grad_sum = grad.sum(dim=dims, keepdim=True)
+        # sum(g * (w - mean)) per channel, without a weight-sized temporary for (w - mean).
+        grad_dot = (grad * weight).sum(dim=dims, keepdim=True) - mean * grad_sum
+        grad_gain = None
+        if ctx.needs_input_grad[1]:
+            grad_gain = (grad_dot * inv_std * ctx.scale).to(gain.dtype)
+        grad_weight = None
+        if ctx.needs_input_grad[0]:
+            n = weight[0].numel()
+            mult = inv_std * gain * ctx.scale
+            # d/dw of (w - mean) * inv_std: inv_std * (g - mean(g)) minus the part through the
+            # variance, inv_std**3 * (w - mean) * sum(g * (w - mean)), which is absent where the
+            # eps floor holds inv_std constant.
+            k = mult * inv_std * inv_std * grad_dot * unclamped
+            grad_weight = torch.addcmul(k * mean - mult * grad_sum / n, grad, mult)
+            grad_weight.addcmul_(weight, k, value=-1.0)
+        return grad_weight, grad_gain, None, None, None
+
+
 class ScaledStdConv2d(nn.Conv2d):
     """Conv2d with scaled weight standardization (Brock et al. 2021), TF 'SAME' padding.
 
@@ -80,6 +172,17 @@ class ScaledStdConv2d(nn.Conv2d):
     bypass PyTorch's version counters: after such writes call ``model.eval()`` (or
     ``clear_cache()``) before the next forward. Under ``torch.compile`` nothing is cached (the
     compiler fuses the standardization instead). The cache costs one extra copy of the weights.
+
+    ``input_gain`` (a float attribute, 1 by default; not a parameter) multiplies the input: the
+    conv is linear, so it is folded into the standardized weight instead of costing a pass over
+    the activations. NF blocks set it to the activation's gamma (and beta). ``activation`` (a
+    name of ``ACTIVATION_GAMMA`` or None, the default) is applied to the output, *without* its
+    gamma (which the next conv's ``input_gain`` takes): in eval on CPU it is fused into the
+    convolution.
+
+    Eval on CPU (fp32): besides the standardized weight, the cache keeps it reordered into
+    oneDNN's blocked layout, and the convolution runs through oneDNN's fused conv+activation op
+    (what ``torch.compile``'s freezing uses); any other setting takes ``F.conv2d``.
 
     Args:
         in_channels, out_channels, kernel_size, stride, groups, bias: as ``nn.Conv2d``.
@@ -103,6 +206,8 @@ class ScaledStdConv2d(nn.Conv2d):
         self.gain = nn.Parameter(torch.ones(out_channels, 1, 1, 1))
         self.eps = eps
         self.fan_in = self.weight[0].numel()
+        self.input_gain = 1.0
+        self.activation: str | None = None
         k = self.kernel_size[0]
         # Stride 1 with an odd kernel pads symmetrically: a static padding. Otherwise SAME padding
         # depends on the input size and is computed per call.
@@ -120,22 +225,24 @@ class ScaledStdConv2d(nn.Conv2d):
             nn.init.zeros_(self.bias)
 
     def standardized_weight(self) -> torch.Tensor:
-        w = self.weight
-        var, mean = torch.var_mean(w, dim=(1, 2, 3), keepdim=True, unbiased=False)
-        scale = torch.rsqrt(torch.clamp(var * self.fan_in, min=self.eps)) * self.gain
-        return (w - mean) * scale
+        """The weight the convolution uses (``input_gain`` included)."""
+        return _StandardizeWeight.apply(
+            self.weight, self.gain, self.fan_in, self.eps, float(self.input_gain)
+        )
 
-    def _weight_for_forward(self) -> torch.Tensor:
+    def _cached(self) -> list | None:
+        """The cache entry ``[key, weight, gain, standardized, packed]`` when the cached path
+        applies (eval, no gradient to the weights, not compiling), else None."""
         if (
             self.training
             or (torch.is_grad_enabled() and (self.weight.requires_grad or self.gain.requires_grad))
             or torch.compiler.is_compiling()
         ):
-            return self.standardized_weight()
+            return None
         weight, gain = self.weight, self.gain
         key = (
             weight._version, gain._version, weight.data_ptr(), gain.data_ptr(), weight.dtype,
-            weight.device, weight.shape,
+            weight.device, weight.shape, self.input_gain,
         )
         cache = self._cache
         # The cache holds the tensors it was computed from, so their memory cannot be reused by
@@ -144,9 +251,38 @@ class ScaledStdConv2d(nn.Conv2d):
         if cache is None or cache[0] != key or cache[1] is not weight or cache[2] is not gain:
             # A normal tensor even under inference_mode, so it can be served outside it later.
             with torch.inference_mode(False), torch.no_grad():
-                cache = (key, weight, gain, self.standardized_weight())
+                cache = [key, weight, gain, self.standardized_weight(), None]
             self._cache = cache
-        return cache[3]
+        return cache
+
+    def _weight_for_forward(self) -> torch.Tensor:
+        cache = self._cached()
+        return self.standardized_weight() if cache is None else cache[3]
+
+    def _packed_forward(self, x: torch.Tensor, padding: int, cache: list) -> torch.Tensor | None:
+        """Eval on CPU: oneDNN's convolution with the standardized weight reordered once into
+        its blocked layout (instead of on every call) and the activation fused into it; None
+        where that path does not apply."""
+        if (
+            not _PACKED_CONV
+            or x.device.type != "cpu"
+            or x.dtype != torch.float32
+            or cache[3].dtype != torch.float32
+            or x.dim() != 4
+            or torch.is_autocast_enabled("cpu")
+            or (x.requires_grad and torch.is_grad_enabled())  # the fused op has no autograd
+        ):
+            return None
+        pad, stride, dilation = [padding] * 2, list(self.stride), list(self.dilation)
+        if cache[4] is None:
+            with torch.inference_mode(False), torch.no_grad():
+                cache[4] = torch.ops.mkldnn._reorder_convolution_weight(
+                    cache[3], pad, stride, dilation, self.groups, list(x.shape)
+                )
+        attr, algorithm = _FUSED_ACTIVATION.get(self.activation, ("none", ""))
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, cache[4], self.bias, pad, stride, dilation, self.groups, attr, [], algorithm
+        )
 
     def clear_cache(self) -> None:
         self._cache = None
@@ -172,10 +308,22 @@ class ScaledStdConv2d(nn.Conv2d):
             padding = 0
         else:
             padding = self._static_pad
-        return F.conv2d(
-            x, self._weight_for_forward(), self.bias, self.stride, padding, self.dilation,
-            self.groups,
-        )
+        cache = self._cached()
+        if cache is not None:
+            out = self._packed_forward(x, padding, cache)
+            if out is not None:
+                return out
+            weight = cache[3]
+        else:
+            weight = self.standardized_weight()
+        out = F.conv2d(x, weight, self.bias, self.stride, padding, self.dilation, self.groups)
+        return out if self.activation is None else _ACTIVATION_FN[self.activation](out)
+
+    def extra_repr(self) -> str:
+        extra = f", input_gain={self.input_gain:.6f}" if self.input_gain != 1.0 else ""
+        if self.activation is not None:
+            extra += f", activation={self.activation}"
+        return super().extra_repr() + extra
 
     def __getstate__(self):
         state = super().__getstate__()

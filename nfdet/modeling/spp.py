@@ -122,14 +122,21 @@ def signal_propagation(
     handles = []
     for i, (_, _, block) in enumerate(blocks):
 
-        def on_branch(_module, _args, out, i=i):
-            records.setdefault(i, {})["residual_variance"] = _channel_stats(out)[1]
+        # The block never materialises its scaled branch (the gate multiplies inside the
+        # residual addition): rebuild it from conv3's output and the squeeze-excite gate.
+        def on_conv3(_module, _args, out, i=i):
+            records.setdefault(i, {})["_conv3"] = out
+
+        def on_gate(_module, _args, gate, i=i):
+            branch = records[i].pop("_conv3") * (2.0 * gate)
+            records[i]["residual_variance"] = _channel_stats(branch)[1]
 
         def on_block(_module, _args, out, i=i):
             sq, var = _channel_stats(out)
             records.setdefault(i, {}).update(squared_mean=sq, variance=var)
 
-        handles.append(block.drop_path.register_forward_hook(on_branch))
+        handles.append(block.conv3.register_forward_hook(on_conv3))
+        handles.append(block.se.register_forward_hook(on_gate))
         handles.append(block.register_forward_hook(on_block))
 
     was_training = trunk.training
