@@ -1,11 +1,13 @@
 #!/usr/bin/env python
-"""nfdet benchmarks, one subcommand each.
+"""nfdet benchmarks, one subcommand each; every one prints a table and writes JSON (--json).
 
-    python tools/benchmark.py agc [--variant F0 --batch-size 2 --image-size 128 ...]
-    python tools/benchmark.py maskrcnn [--config quick/nfnet_nano_mask_rcnn_256.yaml ...]
+    python tools/benchmark.py backbone  [--variant F0 --batch-size 8 ...]   nfdet vs timm, ResNet-50
+    python tools/benchmark.py agc       [--variant F0 --batch-size 8 ...]   AGC vs a loop, vs a step
+    python tools/benchmark.py detection [--configs A,B ...]                 Mask R-CNN NFNet vs R50
 
-To add a benchmark: write ``add_<name>_arguments(parser)`` and ``main_<name>(args)`` in the nfdet
-package and add one line to ``SUBCOMMANDS``.
+Every subcommand runs on CPU, and on CUDA (bf16 autocast) with --device cuda; --smoke runs it
+at tiny sizes with one repeat. To add one: write ``add_<name>_arguments(parser)`` and
+``main_<name>(args)`` in the nfdet package and add a line to ``SUBCOMMANDS``.
 """
 
 import argparse
@@ -13,8 +15,9 @@ import importlib
 
 # name -> (module, help): the module defines add_<name>_arguments(parser) and main_<name>(args).
 SUBCOMMANDS = {
+    "backbone": ("nfdet.modeling.benchmark", "NFNet vs timm dm_nfnet and ResNet-50: speed, memory"),
     "agc": ("nfdet.solver.benchmark", "Adaptive Gradient Clipping vs a loop and a train step"),
-    "maskrcnn": ("nfdet.detection.benchmark", "Mask R-CNN training/inference speed of a config"),
+    "detection": ("nfdet.detection.benchmark", "Mask R-CNN NFNet-FPN vs detectron2's R50-FPN"),
 }
 
 
@@ -23,8 +26,11 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True, metavar="BENCHMARK")
     entries = {}
     for name, (module_name, help_text) in SUBCOMMANDS.items():
+        # Import lazily per subcommand: `detection` needs detectron2, the others do not.
+        entries[name] = (module_name, sub.add_parser(name, help=help_text))
+    for name, (module_name, sub_parser) in entries.items():
         module = importlib.import_module(module_name)
-        getattr(module, f"add_{name}_arguments")(sub.add_parser(name, help=help_text))
+        getattr(module, f"add_{name}_arguments")(sub_parser)
         entries[name] = getattr(module, f"main_{name}")
     args = parser.parse_args(argv)
     entries[args.command](args)

@@ -1,143 +1,227 @@
-"""``tools/benchmark.py maskrcnn``: training and inference speed of an NFNet Mask R-CNN.
+"""``tools/benchmark.py detection``: Mask R-CNN with an NFNet-FPN backbone against detectron2's
+R50-FPN, side by side.
 
-Builds the detector of a config (default: the CPU-scale nano config) and times, on a synthetic
-batch (random images with random boxes, classes and masks at the config's test size), one
-training iteration (forward, losses, backward, the nfdet optimizer step with AGC) and one
-inference call in eval mode. It also times the backbone in eval mode with the standardized
-weights cached (the default) against recomputing them on every call.
+Each config's detector is built (random weights) and timed, interleaved in one process, on the
+same synthetic batch at a fixed input size (random images with random boxes, classes and
+box-shaped masks; no resizing, so every detector sees exactly the same pixels):
+
+- a training iteration: forward, losses, backward and the optimizer step (nfdet's optimizer, AGC
+  as the config says; detectron2's configs train without AGC; learning rate 0);
+- inference on one image in eval mode (per image);
+- the peak memory of each.
+
+Configs are nfdet config names or paths, or ``d2:<model zoo path>`` for detectron2's own
+(default: ``nfnet_f0_mask_rcnn.yaml`` and ``d2:COCO-InstanceSegmentation/
+mask_rcnn_R_50_FPN_1x.yaml``). CUDA runs use bf16 autocast.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from ..modeling import ScaledStdConv2d
+from ..benchmarking import (
+    add_common_arguments,
+    autocast,
+    describe_machine,
+    format_table,
+    peak_memory_bytes,
+    setup_device,
+    time_interleaved,
+    write_json,
+)
+from ..config import resolve_config_file
 from ..solver import build_optimizer
-from ..solver.benchmark import time_calls
 from .config import get_nfdet_cfg
-from .engine import resolve_config_file
 
-__all__ = ["add_maskrcnn_arguments", "benchmark_maskrcnn", "main_maskrcnn", "synthetic_batch"]
+__all__ = [
+    "add_detection_arguments",
+    "benchmark_detection",
+    "load_benchmark_config",
+    "main_detection",
+    "synthetic_batch",
+]
+
+DEFAULT_CONFIGS = (
+    "nfnet_f0_mask_rcnn.yaml",
+    "d2:COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml",
+)
+# detectron2's MODEL_ZOO.md, mask_rcnn_R_50_FPN_1x: 8 V100 GPUs, 2 images per GPU.
+D2_PUBLISHED_R50_FPN = {
+    "train_s_per_iter_16_images_8xV100": 0.261,
+    "inference_s_per_image_V100": 0.043,
+    "train_memory_gb_per_gpu": 3.4,
+}
 
 
-def add_maskrcnn_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the flags of ``benchmark.py maskrcnn`` to ``parser``."""
-    parser.add_argument("--config", default="quick/nfnet_nano_mask_rcnn_256.yaml",
-                        help="detection config (a path or a name under configs/)")
-    parser.add_argument("--batch-size", type=int, default=2, help="images per iteration")
-    parser.add_argument("--image-size", type=int, default=0,
-                        help="square image side (0: the config's INPUT.MIN_SIZE_TEST)")
+def add_detection_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the flags of ``benchmark.py detection`` to ``parser``."""
+    parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
+                        help="comma-separated configs: nfdet names/paths or d2:<model zoo path>")
+    parser.add_argument("--batch-size", type=int, default=2, help="images per training iteration")
+    parser.add_argument("--height", type=int, default=512, help="input height (fixed)")
+    parser.add_argument("--width", type=int, default=640, help="input width (fixed)")
     parser.add_argument("--objects", type=int, default=4, help="objects per image")
-    parser.add_argument("--iters", type=int, default=5, help="timed calls of each measurement")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
-    parser.add_argument("--json", default="", help="also write the results to this JSON file")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    parser.add_argument("opts", nargs=argparse.REMAINDER,
+                        help="KEY VALUE overrides applied to every config")
+    add_common_arguments(parser, repeats=3)
 
 
-def synthetic_batch(batch_size: int, size: int, objects: int, num_classes: int,
+def synthetic_batch(batch_size: int, height: int, width: int, objects: int, num_classes: int,
                     seed: int = 0) -> list[dict]:
     """Random images with ``objects`` random boxes (and box-shaped masks) each, in detectron2's
     input format (uint8 CHW ``image`` + ``instances``)."""
     g = torch.Generator().manual_seed(seed)
+    size = torch.tensor([width, height], dtype=torch.float32)
     batch = []
     for _ in range(batch_size):
-        image = torch.randint(0, 256, (3, size, size), generator=g, dtype=torch.uint8)
+        image = torch.randint(0, 256, (3, height, width), generator=g, dtype=torch.uint8)
         xy = torch.rand(objects, 2, generator=g) * size * 0.7
-        wh = 12 + torch.rand(objects, 2, generator=g) * (size * 0.3 - 12)
-        boxes = torch.cat([xy, (xy + wh).clamp(max=size - 1)], dim=1)
-        masks = torch.zeros(objects, size, size, dtype=torch.bool)
+        wh = 12 + torch.rand(objects, 2, generator=g) * (size * 0.3 - 12).clamp(min=1)
+        boxes = torch.cat([xy, torch.minimum(xy + wh, size - 1)], dim=1)
+        masks = torch.zeros(objects, height, width, dtype=torch.bool)
         for i, (x0, y0, x1, y1) in enumerate(boxes.round().long().tolist()):
             masks[i, y0:y1, x0:x1] = True
-        instances = Instances((size, size))
+        instances = Instances((height, width))
         instances.gt_boxes = Boxes(boxes)
         instances.gt_classes = torch.randint(0, num_classes, (objects,), generator=g)
         instances.gt_masks = BitMasks(masks)
-        batch.append({"image": image, "height": size, "width": size, "instances": instances})
+        batch.append({"image": image, "height": height, "width": width, "instances": instances})
     return batch
 
 
-def benchmark_maskrcnn(args: argparse.Namespace) -> dict:
-    """Run the benchmark; return its figures (seconds per call, best and median)."""
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+def load_benchmark_config(name: str, opts: list[str], device: torch.device):
+    """An nfdet config (name or path) or ``d2:<model zoo path>``, with ``opts``, random weights
+    and ``MODEL.DEVICE`` set; detectron2's configs get AGC off (their own recipe)."""
     cfg = get_nfdet_cfg()
-    cfg.merge_from_file(resolve_config_file(args.config))
-    cfg.merge_from_list(list(args.opts or []))
-    cfg.MODEL.DEVICE = args.device
+    if name.startswith("d2:"):
+        from detectron2 import model_zoo
+
+        cfg.merge_from_file(model_zoo.get_config_file(name[3:]))
+        cfg.SOLVER.AGC.ENABLED = False
+    else:
+        cfg.merge_from_file(resolve_config_file(name))
+    cfg.merge_from_list(list(opts))
+    cfg.MODEL.DEVICE = str(device)
     cfg.MODEL.WEIGHTS = ""
     cfg.freeze()
-    device = torch.device(args.device)
-    size = args.image_size or cfg.INPUT.MIN_SIZE_TEST
+    return cfg
+
+
+def _detector_cases(cfg, batch: list[dict], device: torch.device):
+    """(train iteration, one-image inference, training model, optimizer) for a config.
+
+    Training and inference get a model each (same weights), kept in their mode: switching a
+    model between train and eval on every call would cost time of its own (and drops nfdet's
+    cached standardized weights)."""
     torch.manual_seed(0)
     model = build_model(cfg)
+    model.train()
     optimizer = build_optimizer(cfg, model)
-    batch = synthetic_batch(args.batch_size, size, args.objects, cfg.MODEL.ROI_HEADS.NUM_CLASSES)
+    # Learning rate 0: the step costs the same, and repeating it on one batch of random-weight
+    # detectors cannot diverge.
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    torch.manual_seed(0)
+    eval_model = build_model(cfg).eval()
+    inputs = [{k: v for k, v in batch[0].items() if k != "instances"}]
 
     def train_step() -> None:
-        losses = model(batch)
+        with EventStorage(0), autocast(device):  # detectron2's heads log into a storage
+            losses = model(batch)
         optimizer.zero_grad(set_to_none=True)
         sum(losses.values()).backward()
         optimizer.step()
 
-    timing = (args.iters, args.warmup, device)
-    model.train()
-    with EventStorage(0):  # detectron2's heads log training statistics into one
-        train_s, train_med = time_calls(train_step, *timing)
+    def infer() -> None:
+        with torch.no_grad(), autocast(device):
+            eval_model(inputs)
 
-    model.eval()
-    inputs = [{k: v for k, v in d.items() if k != "instances"} for d in batch]
-    with torch.no_grad():
-        infer_s, infer_med = time_calls(lambda: model(inputs), *timing)
-        images = model.preprocess_image(inputs).tensor
-        backbone = model.backbone
-        cached_s, _ = time_calls(lambda: backbone(images), *timing)
-        convs = [m for m in model.modules() if isinstance(m, ScaledStdConv2d)]
+    return train_step, infer, model, optimizer
 
-        def uncached() -> None:
-            for m in convs:
-                m.clear_cache()
-            backbone(images)
 
-        uncached_s, _ = time_calls(uncached, *timing)
+def benchmark_detection(args: argparse.Namespace) -> dict:
+    """Run the benchmark; return the machine, the setting and one row per config."""
+    device = setup_device(args)
+    if args.smoke:
+        args.repeats, args.warmup, args.batch_size = 1, 1, 1
+        args.height, args.width, args.objects = 128, 160, 2
+    names = [c.strip() for c in args.configs.split(",") if c.strip()]
+    cases, models = {}, {}
+    for name in names:
+        cfg = load_benchmark_config(name, args.opts or [], device)
+        batch = synthetic_batch(args.batch_size, args.height, args.width, args.objects,
+                                cfg.MODEL.ROI_HEADS.NUM_CLASSES)
+        train_step, infer, model, optimizer = _detector_cases(cfg, batch, device)
+        backbone = cfg.MODEL.BACKBONE.NAME
+        if "nfnet" in backbone:
+            backbone += f" ({cfg.MODEL.NFNET.VARIANT})"
+        models[name] = {"backbone": backbone, "model": model, "optimizer": optimizer}
+        cases[f"{name} train"] = train_step
+        cases[f"{name} inference"] = infer
+
+    log = (lambda s: print(s, flush=True)) if args.verbose else None
+    timings = time_interleaved(cases, args.repeats, args.warmup, device, log=log)
+    rows = []
+    for name in names:
+        train, infer = timings[f"{name} train"], timings[f"{name} inference"]
+        row = {
+            "config": name,
+            "backbone": models[name]["backbone"],
+            "parameters_m": sum(p.numel() for p in models[name]["model"].parameters()) / 1e6,
+            "train_iter_s": train["median_s"],
+            "train_images_per_s": args.batch_size / train["median_s"],
+            "inference_s_per_image": infer["median_s"],
+        }
+        if not args.no_memory:
+            opt = models[name]["optimizer"]
+            row["train_peak_memory_mb"] = peak_memory_bytes(
+                cases[f"{name} train"], device, lambda o=opt: o.zero_grad(set_to_none=True)
+            ) / 2**20
+            row["inference_peak_memory_mb"] = (
+                peak_memory_bytes(cases[f"{name} inference"], device) / 2**20
+            )
+        rows.append(row)
     return {
-        "config": args.config,
-        "variant": cfg.MODEL.NFNET.VARIANT,
-        "device": str(device),
-        "threads": torch.get_num_threads(),
+        "benchmark": "detection",
+        "machine": describe_machine(device),
         "batch_size": args.batch_size,
-        "image_size": size,
-        "train_iter_s": train_s,
-        "train_iter_median_s": train_med,
-        "inference_s": infer_s,
-        "inference_median_s": infer_med,
-        "backbone_eval_cached_s": cached_s,
-        "backbone_eval_uncached_s": uncached_s,
+        "height": args.height,
+        "width": args.width,
+        "repeats": args.repeats,
+        "rows": rows,
+        "detectron2_published_r50_fpn": D2_PUBLISHED_R50_FPN,
     }
 
 
-def main_maskrcnn(args: argparse.Namespace) -> dict:
-    """Entry point of ``benchmark.py maskrcnn``: run, print a summary, optionally write JSON."""
-    r = benchmark_maskrcnn(args)
-    print(
-        f"Mask R-CNN benchmark: {r['config']} (NFNet-{r['variant']}) on {r['device']} "
-        f"({r['threads']} threads), batch {r['batch_size']} at {r['image_size']}px"
-    )
-    print("  times: best (median) of the timed calls")
-    print(f"  training iteration: {1e3 * r['train_iter_s']:9.1f} ms "
-          f"({1e3 * r['train_iter_median_s']:.1f})")
-    print(f"  inference:          {1e3 * r['inference_s']:9.1f} ms "
-          f"({1e3 * r['inference_median_s']:.1f})")
-    print(f"  backbone in eval mode: {1e3 * r['backbone_eval_cached_s']:.1f} ms with cached "
-          f"standardized weights, {1e3 * r['backbone_eval_uncached_s']:.1f} ms recomputing them")
+def main_detection(args: argparse.Namespace) -> dict:
+    """Entry point of ``benchmark.py detection``: run, print the table, optionally write JSON."""
+    r = benchmark_detection(args)
+    m = r["machine"]
+    print(f"Detection benchmark: Mask R-CNN on {m['device']} ({m.get('gpu', m['cpu'])}, "
+          f"{m['threads']} threads, {m['precision']}), {r['height']}x{r['width']} input, "
+          f"training batch {r['batch_size']}, median of {r['repeats']} interleaved repeats")
+    headers = ["config", "backbone", "params M", "train s/iter", "train img/s", "infer s/img"]
+    if not args.no_memory:
+        headers += ["train peak MB", "infer peak MB"]
+    table = []
+    for row in r["rows"]:
+        line = [row["config"], row["backbone"], f"{row['parameters_m']:.1f}",
+                f"{row['train_iter_s']:.3f}", f"{row['train_images_per_s']:.2f}",
+                f"{row['inference_s_per_image']:.3f}"]
+        if not args.no_memory:
+            line += [row["train_peak_memory_mb"], row["inference_peak_memory_mb"]]
+        table.append(line)
+    print(format_table(headers, table))
+    pub = r["detectron2_published_r50_fpn"]
+    print(f"detectron2's published R50-FPN Mask R-CNN: "
+          f"{pub['train_s_per_iter_16_images_8xV100']} s/iter (16 images on 8 V100s), "
+          f"{pub['inference_s_per_image_V100']} s/image inference (V100)")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(r, f, indent=2)
+        write_json(args.json, r)
     return r

@@ -8,18 +8,25 @@ of the same model.
 from __future__ import annotations
 
 import argparse
-import json
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 
+from ..benchmarking import (
+    add_common_arguments,
+    describe_machine,
+    format_table,
+    setup_device,
+    time_calls,
+    time_interleaved,
+    write_json,
+)
 from ..modeling import build_nfnet
 from .agc import clip_grad_agc_, get_agc_stats, with_agc
 from .build import build_param_groups
 
-__all__ = ["add_agc_arguments", "agc_loop_", "benchmark_agc", "main_agc", "time_calls"]
+__all__ = ["add_agc_arguments", "agc_loop_", "benchmark_agc", "main_agc"]
 
 
 @torch.no_grad()
@@ -36,44 +43,24 @@ def agc_loop_(parameters: Iterable[torch.Tensor], clipping: float = 0.01, eps: f
         p.grad.mul_(scale.view((-1,) + (1,) * (p.dim() - 1)) if p.dim() >= 2 else scale.view(()))
 
 
-def time_calls(
-    fn: Callable[[], object], iters: int, warmup: int, device: torch.device
-) -> tuple[float, float]:
-    """(best, median) seconds per call of ``fn``; the best is robust to other processes."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    times.sort()
-    return times[0], times[len(times) // 2]
-
-
 def add_agc_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the flags of ``benchmark.py agc`` to ``parser``."""
     parser.add_argument("--variant", default="F0", help="NFNet variant (default F0)")
-    parser.add_argument("--batch-size", type=int, default=2, help="images per training step")
-    parser.add_argument("--image-size", type=int, default=128, help="square input resolution")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per training step")
+    parser.add_argument("--image-size", type=int, default=192,
+                        help="square input resolution (default 192, F0's training size)")
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--clipping", type=float, default=0.01)
-    parser.add_argument("--iters", type=int, default=10, help="timed calls of each AGC version")
-    parser.add_argument("--train-steps", type=int, default=2, help="timed training steps")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed calls before timing")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
-    parser.add_argument("--json", default="", help="also write the results to this JSON file")
+    parser.add_argument("--train-steps", type=int, default=3, help="timed training steps")
+    add_common_arguments(parser, repeats=20)
 
 
 def benchmark_agc(args: argparse.Namespace) -> dict:
-    """Run the AGC benchmark; return its figures (seconds, ratios and the setting)."""
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    """Run the AGC benchmark; return its figures (seconds, ratios, the machine and setting)."""
+    device = setup_device(args)
+    if args.smoke:
+        args.batch_size, args.image_size, args.repeats, args.warmup = 1, 64, 1, 1
+        args.train_steps = 1
     torch.manual_seed(0)
     model = build_nfnet(args.variant, num_classes=args.num_classes).to(device)
     images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
@@ -93,26 +80,31 @@ def benchmark_agc(args: argparse.Namespace) -> dict:
     # costs the same every time: every unit's norms are computed and its gradient rescaled).
     optimizer.zero_grad(set_to_none=True)
     F.cross_entropy(model(images), labels).backward()
-    timing = (args.iters, args.warmup, device)
-    agc_s, agc_med = time_calls(lambda: clip_grad_agc_(clipped, args.clipping), *timing)
-    loop_s, loop_med = time_calls(lambda: agc_loop_(clipped, args.clipping), *timing)
+    timings = time_interleaved(
+        {
+            "batched": lambda: clip_grad_agc_(clipped, args.clipping),
+            "loop": lambda: agc_loop_(clipped, args.clipping),
+        },
+        args.repeats, args.warmup, device,
+    )
+    agc, loop = timings["batched"], timings["loop"]
     return {
+        "benchmark": "agc",
+        "machine": describe_machine(device),
         "variant": args.variant,
-        "device": str(device),
-        "threads": torch.get_num_threads(),
         "batch_size": args.batch_size,
         "image_size": args.image_size,
         "clipped_tensors": len(clipped),
         "clipped_params": sum(p.numel() for p in clipped),
         # Best of the timed calls; the medians are kept too.
-        "agc_s": agc_s,
-        "loop_s": loop_s,
+        "agc_s": agc["best_s"],
+        "loop_s": loop["best_s"],
         "train_step_s": step_s,
-        "agc_median_s": agc_med,
-        "loop_median_s": loop_med,
+        "agc_median_s": agc["median_s"],
+        "loop_median_s": loop["median_s"],
         "train_step_median_s": step_med,
-        "speedup_vs_loop": loop_s / agc_s,
-        "agc_share_of_step": agc_s / step_s,
+        "speedup_vs_loop": loop["best_s"] / agc["best_s"],
+        "agc_share_of_step": agc["best_s"] / step_s,
         "clipped_fraction_last_step": fraction,
     }
 
@@ -120,20 +112,25 @@ def benchmark_agc(args: argparse.Namespace) -> dict:
 def main_agc(args: argparse.Namespace) -> dict:
     """Entry point of ``benchmark.py agc``: run, print a summary, optionally write JSON."""
     r = benchmark_agc(args)
+    m = r["machine"]
     print(
-        f"AGC benchmark: {r['variant']} on {r['device']} ({r['threads']} threads), "
-        f"batch {r['batch_size']} at {r['image_size']}px, {r['clipped_tensors']} clipped tensors "
-        f"({r['clipped_params'] / 1e6:.1f}M parameters)"
+        f"AGC benchmark: {r['variant']} on {m['device']} ({m.get('gpu', m['cpu'])}, "
+        f"{m['threads']} threads), batch {r['batch_size']} at {r['image_size']}px, "
+        f"{r['clipped_tensors']} clipped tensors ({r['clipped_params'] / 1e6:.1f}M parameters)"
     )
     ms = {k: 1e3 * v for k, v in r.items() if k.endswith("_s")}
-    print("  times: best (median) of the timed calls")
-    print(f"  clip_grad_agc_ (batched): {ms['agc_s']:9.2f} ms ({ms['agc_median_s']:.2f})")
-    print(f"  per-tensor Python loop:   {ms['loop_s']:9.2f} ms ({ms['loop_median_s']:.2f}); "
-          f"loop / batched = {r['speedup_vs_loop']:.2f}")
-    print(f"  training step (fwd+bwd+SGD with AGC): {ms['train_step_s']:9.1f} ms "
-          f"({ms['train_step_median_s']:.1f}); AGC = {100 * r['agc_share_of_step']:.2f}% of it")
-    print(f"  units clipped in the last step: {100 * r['clipped_fraction_last_step']:.1f}%")
+    print(format_table(
+        ["", "best ms", "median ms"],
+        [
+            ["clip_grad_agc_ (batched)", f"{ms['agc_s']:.2f}", f"{ms['agc_median_s']:.2f}"],
+            ["per-tensor Python loop", f"{ms['loop_s']:.2f}", f"{ms['loop_median_s']:.2f}"],
+            ["training step (fwd+bwd+SGD with AGC)", f"{ms['train_step_s']:.1f}",
+             f"{ms['train_step_median_s']:.1f}"],
+        ],
+    ))
+    print(f"loop / batched = {r['speedup_vs_loop']:.2f}; AGC = "
+          f"{100 * r['agc_share_of_step']:.2f}% of a training step; units clipped in the last "
+          f"step: {100 * r['clipped_fraction_last_step']:.1f}%")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(r, f, indent=2)
+        write_json(args.json, r)
     return r
