@@ -14,7 +14,7 @@ import torch
 
 from nfdet.benchmarking import format_table, peak_memory_bytes, time_interleaved
 from nfdet.modeling import build_nfnet
-from nfdet.modeling.benchmark import CONFIGS, MODES, MODELS, check_agreement, summarize
+from nfdet.modeling.benchmark import CONFIGS, MODELS, MODES, check_agreement, summarize
 
 REPO = Path(__file__).resolve().parents[1]
 
