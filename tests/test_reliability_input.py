@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -149,9 +150,9 @@ def test_missing_config_name_lists_close_matches():
         setup_cfg(args)
 
 
-def test_train_net_cli_stops_before_writing_anything(tiny_coco, tmp_path):
+def test_train_net_cli_bad_key_or_json_is_one_line_error(tiny_coco, tmp_path):
     """A misspelled key on tools/train_net.py: a one-line usage error, no traceback, exit 2, and
-    the output folder of an earlier run untouched."""
+    the output folder of an earlier run untouched; a broken dataset file: one line, exit 1."""
     json_path, image_dir = tiny_coco
     out = tmp_path / "out"
     out.mkdir()
@@ -169,6 +170,19 @@ def test_train_net_cli_stops_before_writing_anything(tiny_coco, tmp_path):
     assert "Traceback" not in proc.stderr
     assert [p.name for p in out.iterdir()] == ["config.yaml"]
     assert (out / "config.yaml").read_text() == "earlier run\n"
+
+    # A malformed annotation file, found while loading: one line naming file, line and column.
+    broken = tmp_path / "broken.json"
+    broken.write_text(json_path.read_text()[:500])
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "train_net.py"), "--config", QUICK,
+         "--register-coco", "t", str(broken), str(image_dir), "DATASETS.TRAIN", "('t',)",
+         "DATASETS.TEST", "('t',)", "OUTPUT_DIR", str(tmp_path / "out2")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert re.search(rf"train_net.py: error: {broken}:1:\d+: not valid JSON", proc.stderr)
+    assert "Traceback" not in proc.stdout + proc.stderr
 
 
 def test_unregistered_or_absent_dataset_is_named(tiny_coco, tmp_path, monkeypatch):
@@ -512,11 +526,7 @@ def test_grayscale_rgba_16bit_train_and_infer(tiny_coco, tmp_path):
     cfg.INPUT.FORMAT = "RGB"
     cfg.freeze()
 
-    class Trainer(NFNetTrainer):
-        @classmethod
-        def build_train_loader(cls, cfg):
-            return build_train_loader(cfg)
-
+    class Trainer(NFNetTrainer):  # trains with NFNetTrainer's own loader (NFNetDatasetMapper)
         @classmethod
         def build_test_loader(cls, cfg, dataset_name):
             return build_test_loader(cfg, dataset_name)

@@ -1,7 +1,8 @@
 """Issue 9, property: a randomly corrupted COCO file fed through the real loading path
-(``--register-coco``'s loader, detectron2's catalog, nfdet's train loader and mapper, one
-forward pass of Mask R-CNN in training mode) ends in a clean, named error or in a dataset whose
-every record is valid for training; never in a crash inside the training loop."""
+(``--register-coco``'s loader, detectron2's catalog, ``load_train_dataset``, NFNetTrainer's
+train loader and mapper, one forward pass of Mask R-CNN in training mode) ends in a clean,
+named error or in a dataset whose every record is valid for training; never in a crash inside
+the training loop."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from PIL import Image
 from nfdet.config import merge_config, resolve_config_file
 from nfdet.data.validate import DatasetError, ImageReadError
 from nfdet.detection.config import get_nfdet_cfg
-from nfdet.detection.data import NFNetDatasetMapper, build_train_loader, register_checked_coco
+from nfdet.detection.data import NFNetDatasetMapper, load_train_dataset, register_checked_coco
+from nfdet.detection.trainer import build_resumable_train_loader
 
 NAMES = itertools.count()
 TRUNCATED = "truncated.png"
@@ -189,26 +191,27 @@ def test_corrupted_coco_gives_clean_error_or_valid_dataset(base, mutations, cut,
             return
         _assert_valid(records, name)
         try:
-            loader = build_train_loader(cfg)
+            dataset = load_train_dataset(cfg)
         except DatasetError as e:  # nothing to train on, masks missing or in the wrong format
             assert name in str(e)
             event("error: nothing to train on / masks")
             return
-        mapper = NFNetDatasetMapper(cfg, True, dataset_size=len(records))
-        for record in records:
-            mapped = mapper(record)
-            if mapped is None:  # skipped (and named in the log): unreadable or the wrong size
-                with Image.open(record["file_name"]) as img:
-                    size = img.size
-                assert (Path(record["file_name"]).name == TRUNCATED
-                        or size != (record["width"], record["height"]))
-                continue
-            boxes = mapped["instances"].gt_boxes.tensor
-            assert torch.isfinite(boxes).all()
+        # NFNetTrainer's training loader (it maps with NFNetDatasetMapper).
+        loader = build_resumable_train_loader(cfg, dataset=dataset)
+        mapper = NFNetDatasetMapper(cfg, True, dataset_size=len(dataset))
         try:
+            for record in dataset:
+                mapped = mapper(record)
+                if mapped is None:  # skipped (named in the log): unreadable or the wrong size
+                    with Image.open(record["file_name"]) as img:
+                        size = img.size
+                    assert (Path(record["file_name"]).name == TRUNCATED
+                            or size != (record["width"], record["height"]))
+                    continue
+                assert torch.isfinite(mapped["instances"].gt_boxes.tensor).all()
             batch = next(iter(loader))
-        except ImageReadError as e:  # every image left is unreadable: stop, naming one
-            assert TRUNCATED in str(e) and "None of the" in str(e)
+        except ImageReadError as e:  # no training image is readable: stop, naming one
+            assert "None of the" in str(e) and any(r["file_name"] in str(e) for r in dataset)
             event("error: no readable image")
             return
         with EventStorage(0):  # detectron2's losses log into the current storage

@@ -17,8 +17,10 @@ image files.
   its place; the run stops with ``ImageReadError`` once more than ``max(10, 1%)`` of the images
   are bad. In evaluation, a bad image stops the run with the file named (skipping one would
   change the AP).
-- ``build_train_loader`` / ``build_test_loader`` are detectron2's loaders with that mapper (what
-  ``NFNetTrainer`` uses).
+- ``load_train_dataset`` loads ``DATASETS.TRAIN`` as detectron2 does and checks what would only
+  fail inside the training loop (annotations without masks under ``MODEL.MASK_ON``, RLE masks
+  with ``INPUT.MASK_FORMAT polygon``, nothing left to train on). ``build_train_loader`` /
+  ``build_test_loader`` are detectron2's loaders over it with that mapper.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ __all__ = [
     "register_checked_coco",
     "check_dataset_names",
     "NFNetDatasetMapper",
+    "load_train_dataset",
     "build_train_loader",
     "build_test_loader",
 ]
@@ -280,8 +283,9 @@ def _check_masks(cfg, dataset: Sequence[dict]) -> None:
                 )
 
 
-def build_train_loader(cfg):
-    """detectron2's train loader over ``DATASETS.TRAIN`` with ``NFNetDatasetMapper``.
+def load_train_dataset(cfg) -> list[dict]:
+    """The dataset dicts of ``DATASETS.TRAIN`` as detectron2's train loader filters them, checked
+    for what would otherwise fail inside the training loop.
 
     Raises:
         DatasetError: no usable image (e.g. every annotation dropped); with ``MODEL.MASK_ON``,
@@ -302,6 +306,16 @@ def build_train_loader(cfg):
             "is True (see the warnings above for dropped annotations)"
         ) from None
     _check_masks(cfg, dataset)
+    return list(dataset)
+
+
+def build_train_loader(cfg):
+    """detectron2's train loader over ``load_train_dataset(cfg)`` with ``NFNetDatasetMapper``.
+
+    Raises:
+        DatasetError: see ``load_train_dataset``.
+    """
+    dataset = load_train_dataset(cfg)
     mapper = NFNetDatasetMapper(cfg, True, dataset_size=len(dataset))
     return build_detection_train_loader(cfg, mapper=mapper, dataset=dataset)
 

@@ -7,12 +7,15 @@ IMAGE_DIR`` (repeatable) to use any COCO-format dataset in ``DATASETS.TRAIN`` / 
 
 Bad input fails before workers start where it can: an unknown config name, key or variant
 (``ConfigError``, with close matches), a missing annotation file or image folder, an
-unregistered dataset name (``DatasetError``) end the command with a one-line usage error.
+unregistered dataset name (``DatasetError``) end the command with a one-line usage error. A
+dataset error found while loading (e.g. an invalid annotation file) ends a single-process run
+with a one-line error too (exit status 1).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from collections.abc import Sequence
 
@@ -25,7 +28,7 @@ from detectron2.utils.logger import setup_logger
 from ..config import CONFIGS_DIR, ConfigError, merge_config, resolve_config_file
 from .checkpoint import NFNetCheckpointer
 from .config import get_nfdet_cfg
-from .data import DatasetError, check_dataset_names, register_checked_coco
+from .data import DatasetError, ImageReadError, check_dataset_names, register_checked_coco
 from .trainer import NFNetTrainer
 
 __all__ = [
@@ -163,11 +166,17 @@ def launch_train(argv: Sequence[str] | None = None, main=train_main):
     except (FileNotFoundError, ConfigError, DatasetError, ValueError) as e:
         parser.error(str(e))
     print("Command Line Args:", args)
-    return launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    try:
+        return launch(
+            main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+        )
+    except (DatasetError, ImageReadError) as e:
+        # Found while loading the data (a single process runs in place): the message names the
+        # culprit, a traceback would only bury it.
+        logging.getLogger(__name__).error("%s", e)
+        parser.exit(1, f"{parser.prog}: error: {e}\n")
