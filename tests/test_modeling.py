@@ -302,3 +302,122 @@ def test_torch_compile_inductor_channels_last_cuda():
         ref = model(x)
         out = torch.compile(model)(x)
     torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fast paths: folded gains, the standardization's backward, packed eval convolutions, layout
+# ---------------------------------------------------------------------------------------------
+
+
+def _reference_block_forward(block: NFBlock, x: torch.Tensor) -> torch.Tensor:
+    """The NF block written out with every scalar applied explicitly (nothing folded)."""
+    import torch.nn.functional as F
+
+    from nfdet.modeling.layers import ACTIVATION_GAMMA
+
+    gamma = ACTIVATION_GAMMA[block.activation]
+
+    def conv(m: ScaledStdConv2d, h: torch.Tensor) -> torch.Tensor:
+        w = m.weight
+        var, mean = torch.var_mean(w, dim=(1, 2, 3), keepdim=True, unbiased=False)
+        w_hat = (w - mean) * torch.rsqrt(torch.clamp(var * m.fan_in, min=m.eps)) * m.gain
+        k, s = m.kernel_size[0], m.stride[0]
+        if s == 1:
+            return F.conv2d(h, w_hat, m.bias, 1, (k - 1) // 2, 1, m.groups)
+        from nfdet.modeling.layers import same_padding
+
+        ph, pw = same_padding(h.shape[-2], k, s), same_padding(h.shape[-1], k, s)
+        h = F.pad(h, (pw[0], pw[1], ph[0], ph[1]))
+        return F.conv2d(h, w_hat, m.bias, s, 0, 1, m.groups)
+
+    def act(h):
+        return F.gelu(h) * gamma
+
+    out = act(x) * block.beta
+    shortcut = x
+    if block.shortcut is not None:
+        shortcut = conv(block.shortcut, block.pool(out) if block.pool is not None else out)
+    out = conv(block.conv1, out)
+    out = conv(block.conv2, act(out))
+    out = conv(block.conv2b, act(out))
+    out = conv(block.conv3, act(out))
+    out = out * (2.0 * block.se(out))
+    return out * (block.skip_gain * block.alpha) + shortcut
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_folded_block_matches_explicit_reference_forward_and_backward(stride):
+    torch.manual_seed(0)
+    block = NFBlock(16, 32, 16, group_size=8, se_hidden=4, stride=stride, beta=0.8).double()
+    with torch.no_grad():
+        block.skip_gain.fill_(0.7)
+        for m in block.modules():
+            if isinstance(m, ScaledStdConv2d):
+                m.gain.uniform_(0.5, 1.5)
+                m.bias.normal_(0.0, 0.1)
+    x = torch.randn(2, 16, 9, 11, dtype=torch.float64, requires_grad=True)
+    out = block(x)
+    ref = _reference_block_forward(block, x)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, *block.parameters()], g)
+    ref_grads = torch.autograd.grad(ref, [x, *block.parameters()], g)
+    names = ["input"] + [n for n, _ in block.named_parameters()]
+    for name, a, b in zip(names, grads, ref_grads):
+        torch.testing.assert_close(a, b, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("floored", [False, True], ids=["batch_norm_path", "eps_floor_path"])
+def test_standardization_backward_is_exact(floored):
+    from nfdet.modeling.layers import _StandardizeWeight
+
+    torch.manual_seed(0)
+    w = torch.randn(6, 4, 3, 3, dtype=torch.float64)
+    if floored:
+        w[2] *= 1e-4  # var * fan_in below eps: the floor holds this channel's scale constant
+    w.requires_grad_(True)
+    gain = torch.rand(6, 1, 1, 1, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda w, g: _StandardizeWeight.apply(w, g, 36, 1e-4, 1.7), (w, gain)
+    )
+
+
+def test_packed_eval_convolutions_match_plain_ones(monkeypatch):
+    """The CPU eval path (oneDNN blocked weights, fused GELU) computes what F.conv2d does, also
+    for input sizes other than the one the weights were packed for."""
+    from nfdet.modeling import layers
+
+    if not layers._PACKED_CONV:
+        pytest.skip("this torch build has no oneDNN fused convolution")
+    model = _nano()
+    inputs = [torch.randn(2, 3, 37, 45), torch.randn(1, 3, 64, 64), torch.randn(3, 3, 33, 31)]
+    with torch.no_grad():
+        packed = [model(x) for x in inputs]
+    assert all(m._cache[4] is not None for m in model.modules()
+               if isinstance(m, ScaledStdConv2d))
+    monkeypatch.setattr(layers, "_PACKED_CONV", False)
+    model.eval()  # drop the caches
+    with torch.no_grad():
+        plain = [model(x) for x in inputs]
+    for a, b in zip(packed, plain):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("memory_format", ["auto", "channels_last", "contiguous"])
+def test_memory_format_changes_layout_not_values(memory_format):
+    model = _nano()
+    x = torch.randn(2, 3, 99, 70)  # a 4x3 final map: both layouts are unambiguous
+    with torch.no_grad():
+        ref = model(x)
+        model.trunk.memory_format = memory_format
+        features = model.forward_features(x)
+        out = model(x)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    channels_last = memory_format != "contiguous"  # auto: channels_last on CPU
+    assert features.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert features.is_contiguous() == (not channels_last)
+
+
+def test_memory_format_must_be_known():
+    with pytest.raises(ValueError, match="memory_format.*'nhwc'"):
+        build_nfnet("nano", memory_format="nhwc")

@@ -180,9 +180,10 @@ class ScaledStdConv2d(nn.Conv2d):
     gamma (which the next conv's ``input_gain`` takes): in eval on CPU it is fused into the
     convolution.
 
-    Eval on CPU (fp32): besides the standardized weight, the cache keeps it reordered into
-    oneDNN's blocked layout, and the convolution runs through oneDNN's fused conv+activation op
-    (what ``torch.compile``'s freezing uses); any other setting takes ``F.conv2d``.
+    Eval on CPU (fp32, channels_last input, as the trunk computes by default): besides the
+    standardized weight, the cache keeps it reordered into oneDNN's blocked layout, and the
+    convolution runs through oneDNN's fused conv+activation op (what ``torch.compile``'s
+    freezing uses); any other setting takes ``F.conv2d``.
 
     Args:
         in_channels, out_channels, kernel_size, stride, groups, bias: as ``nn.Conv2d``.
@@ -269,6 +270,8 @@ class ScaledStdConv2d(nn.Conv2d):
             or x.dtype != torch.float32
             or cache[3].dtype != torch.float32
             or x.dim() != 4
+            # The fused op returns channels_last: keep an NCHW input's layout with F.conv2d.
+            or not x.is_contiguous(memory_format=torch.channels_last)
             or torch.is_autocast_enabled("cpu")
             or (x.requires_grad and torch.is_grad_enabled())  # the fused op has no autograd
         ):
