@@ -15,12 +15,12 @@ image files.
   training, an image that cannot be decoded (truncated, not an image) or whose size differs from
   its annotation is skipped with a warning naming it and a running count, and another image takes
   its place; the run stops with ``ImageReadError`` once more than ``max(10, 1%)`` of the images
-  are bad. In evaluation, a bad image stops the run with the file named (skipping one would
-  change the AP).
+  are bad, or when none can be read (counted per data-loader worker). In evaluation, a bad image
+  stops the run with the file named (skipping one would change the AP).
 - ``load_train_dataset`` loads ``DATASETS.TRAIN`` as detectron2 does and checks what would only
   fail inside the training loop (annotations without masks under ``MODEL.MASK_ON``, RLE masks
-  with ``INPUT.MASK_FORMAT polygon``, nothing left to train on). ``build_train_loader`` /
-  ``build_test_loader`` are detectron2's loaders over it with that mapper.
+  with ``INPUT.MASK_FORMAT polygon``, nothing left to train on). ``build_train_loader`` (over
+  it) and ``build_test_loader`` are detectron2's loaders with that mapper.
 """
 
 from __future__ import annotations
