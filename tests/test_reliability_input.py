@@ -401,7 +401,7 @@ def test_missing_image_files_are_listed_up_front(tiny_coco, tmp_path):
 def _corrupt_images(image_dir: Path) -> tuple[Path, Path]:
     """Truncate 0001.png and overwrite 0002.png with text."""
     truncated, not_image = image_dir / "0001.png", image_dir / "0002.png"
-    truncated.write_bytes(truncated.read_bytes()[:200])
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
     not_image.write_text("this is not a picture")
     return truncated, not_image
 

@@ -53,7 +53,7 @@ def _identity(img: Image.Image) -> torch.Tensor:
 def test_truncated_and_non_image_skipped_in_train_stop_in_val(tmp_path, nfdet_log):
     root = _folder(tmp_path / "data")
     truncated = root / "train" / "a" / "1.png"
-    truncated.write_bytes(truncated.read_bytes()[:100])
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
     not_image = root / "train" / "b" / "0.png"
     not_image.write_text("plain text")
     cfg = _cfg(root)
@@ -74,7 +74,7 @@ def test_truncated_and_non_image_skipped_in_train_stop_in_val(tmp_path, nfdet_lo
            "file" in log
 
     val_truncated = root / "val" / "b" / "2.png"
-    val_truncated.write_bytes(val_truncated.read_bytes()[:100])
+    val_truncated.write_bytes(val_truncated.read_bytes()[: val_truncated.stat().st_size // 2])
     val = build_dataset(cfg, "val", _identity)
     with pytest.raises(ImageReadError, match=rf"Image '{val_truncated}' cannot be decoded"):
         val[len(val) - 1]
