@@ -168,18 +168,20 @@ def benchmark_backbone(args: argparse.Namespace) -> dict:
         built["resnet50"] = torchvision.models.resnet50().to(device)
     built = {name: built[name] for name in models}
 
-    # One copy of every model per (layout, mode): switching a module's layout or mode between
-    # calls would cost time of its own (and drops nfdet's cached standardized weights).
+    # One copy of every model per layout and mode (and size in eval): switching a module's
+    # layout or mode between calls would cost time of its own, and so would alternating input
+    # shapes for nfdet's eval weights, packed for one shape (a fixed-size evaluation keeps one).
     copies = {}
-    for name, model in built.items():
-        for config in configs:
-            layout = "nchw" if config == "default" else "channels_last"
-            for mode in modes:
-                if (name, layout, mode) not in copies:
-                    clone = copy.deepcopy(model)
-                    if layout == "channels_last":
-                        clone = clone.to(memory_format=torch.channels_last)
-                    copies[name, layout, mode] = clone.train(mode == "train")
+
+    def copy_for(name: str, layout: str, mode: str, size: int) -> torch.nn.Module:
+        key = (name, layout, mode, size if mode == "eval" else None)
+        if key not in copies:
+            clone = copy.deepcopy(built[name])
+            if layout == "channels_last":
+                clone = clone.to(memory_format=torch.channels_last)
+            copies[key] = clone.train(mode == "train")
+        return copies[key]
+
     gen = torch.Generator().manual_seed(0)
     cases, keys = {}, {}
     for size in sizes:
@@ -190,7 +192,7 @@ def benchmark_backbone(args: argparse.Namespace) -> dict:
             for config in configs:
                 for name in built:
                     layout = "nchw" if config == "default" else "channels_last"
-                    model = copies[name, layout, mode]
+                    model = copy_for(name, layout, mode, size)
                     compiled = (torch.compile(model, backend=args.compile_backend)
                                 if config == "compile" else model)
                     label = f"{name} {config} {mode} {size}px"
@@ -209,7 +211,7 @@ def benchmark_backbone(args: argparse.Namespace) -> dict:
             "warmup_s": t["warmup_s"], "images_per_s": args.batch_size / t["median_s"],
         }
         if not args.no_memory:
-            model = copies[name, "nchw" if config == "default" else "channels_last", mode]
+            model = copy_for(name, "nchw" if config == "default" else "channels_last", mode, size)
             reset = (lambda m=model: m.zero_grad(set_to_none=True)) if mode == "train" else None
             row["peak_memory_mb"] = peak_memory_bytes(cases[label], device, reset) / 2**20
         rows.append(row)
