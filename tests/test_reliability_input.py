@@ -268,14 +268,6 @@ def test_category_not_in_categories_names_id_annotation_and_image(tiny_coco, tmp
 # --- annotations: dropped or clipped, counted and named --------------------------------------
 
 
-def _map_dataset(loader):
-    """The MapDataset inside detectron2's train loader (the images it samples from)."""
-    node = loader
-    while not hasattr(node, "_map_func"):
-        node = node.dataset if hasattr(node, "dataset") else node._dataset
-    return node
-
-
 def _one(data: dict, index: int = 0) -> dict:
     """The annotation at ``index`` and its image size."""
     ann = data["annotations"][index]
@@ -347,7 +339,7 @@ def test_images_without_annotations_follow_filter_empty_annotations(tiny_coco, t
     assert len(records) == 4 and not next(r for r in records if r["image_id"] == 2)["annotations"]
     assert "1 images have no annotations" in nfdet_log()
     # FILTER_EMPTY_ANNOTATIONS True (default): left out of training.
-    assert len(_map_dataset(build_train_loader(_detection_cfg(name)))) == 3
+    assert len(build_train_loader(_detection_cfg(name)).dataset) == 3  # images sampled
     # False: trained on as an image of background only.
     cfg = _detection_cfg(name, DATALOADER__FILTER_EMPTY_ANNOTATIONS=False)
     mapped = NFNetDatasetMapper(cfg, True)(next(r for r in records if r["image_id"] == 2))
@@ -419,7 +411,7 @@ def test_truncated_and_non_images_skipped_in_training_stop_evaluation(tiny_coco,
     log = nfdet_log()
     assert f"Skipping image 1: Image '{truncated}' cannot be decoded" in log
     assert f"Skipping image 2: Image '{not_image}' is not an image file" in log
-    # Through detectron2's loader: the bad ones are replaced, batches stay full.
+    # Through NFNetTrainer's loader: the bad ones are replaced, batches stay full.
     batch = next(iter(build_train_loader(cfg)))
     assert len(batch) == 2 and all(Path(d["file_name"]).name not in ("0001.png", "0002.png")
                                    for d in batch)
@@ -494,7 +486,6 @@ def test_grayscale_rgba_16bit_train_and_infer(tiny_coco, tmp_path):
     """A dataset of grayscale, RGBA and 16-bit PNGs trains 2 iterations and runs inference;
     the mapper feeds the model the right RGB (or BGR) pixels."""
     from nfdet.detection import NFNetTrainer
-    from nfdet.detection.data import build_test_loader
 
     data, _, image_dir = _coco(tiny_coco)
     images = _mode_images()
@@ -526,15 +517,10 @@ def test_grayscale_rgba_16bit_train_and_infer(tiny_coco, tmp_path):
     cfg.INPUT.FORMAT = "RGB"
     cfg.freeze()
 
-    class Trainer(NFNetTrainer):  # trains with NFNetTrainer's own loader (NFNetDatasetMapper)
-        @classmethod
-        def build_test_loader(cls, cfg, dataset_name):
-            return build_test_loader(cfg, dataset_name)
-
     torch.manual_seed(0)
-    trainer = Trainer(cfg)
+    trainer = NFNetTrainer(cfg)  # its train and test loaders read with NFNetDatasetMapper
     trainer.train()  # 2 iterations
     assert trainer.iter == 2
     assert np.isfinite(trainer.storage.history("total_loss").latest())
-    results = Trainer.test(cfg, trainer.model)  # inference through NFNetDatasetMapper + COCO AP
+    results = NFNetTrainer.test(cfg, trainer.model)  # NFNetDatasetMapper + COCO AP
     assert set(results) == {"bbox", "segm"}

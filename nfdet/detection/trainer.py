@@ -15,37 +15,31 @@ on the history of the process:
   (run seed, iteration, rank).
 
 The run seed is ``SEED`` when set (>= 0), otherwise drawn once and stored in every checkpoint, so
-that a resumed run uses the seed of the run it continues.
+that a resumed run uses the seed of the run it continues. The loader (``ResumableTrainLoader``,
+``build_resumable_train_loader``, ``derive_seed``; re-exported here) lives in
+``nfdet.detection.data``, next to the dataset checks and the mapper it uses.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import os
 import random
 import weakref
-from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from detectron2.data import DatasetFromList, get_detection_dataset_dicts
-from detectron2.data.build import trivial_batch_collator
-from detectron2.data.samplers import (
-    RandomSubsetTrainingSampler,
-    RepeatFactorTrainingSampler,
-    TrainingSampler,
-)
 from detectron2.engine import DefaultTrainer, HookBase, hooks
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator
 from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter
 
 from ..solver import build_optimizer, get_agc_stats
+from . import data as nfdet_data
 from .checkpoint import NFNetCheckpointer
-from .data import NFNetDatasetMapper
+from .data import _MODEL_STREAM, ResumableTrainLoader, build_resumable_train_loader, derive_seed
 
 __all__ = [
     "NFNetTrainer",
@@ -57,201 +51,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Domain tags of derived seeds, so that model and data streams never coincide.
-_MODEL_STREAM, _DATA_STREAM, _RETRY_STREAM = 0, 1, 2
-
-
-def derive_seed(*entropy: int) -> int:
-    """A 31-bit seed mixed from non-negative integers (numpy's ``SeedSequence``)."""
-    state = np.random.SeedSequence([int(e) for e in entropy]).generate_state(1, np.uint32)
-    return int(state[0]) & 0x7FFFFFFF
-
 
 def seed_all(seed: int) -> None:
     """Seed Python's, numpy's and torch's (CPU and every GPU) global RNGs."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-@contextlib.contextmanager
-def _forked_cpu_rngs(seed: int):
-    """Run the block with Python, numpy and torch CPU RNGs seeded from ``seed``; restore them
-    afterwards (the caller's streams are left exactly as they were)."""
-    py_state, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.random.default_generator.manual_seed(seed)
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
-
-
-class _SeededMapDataset(torch.utils.data.Dataset):
-    """``mapper(dataset_dicts[index])`` for keys ``(index, seed)``, with the sample's RNGs seeded
-    from ``seed``. A sample the mapper drops (returns None) is replaced by others drawn from the
-    same seed, so the replacement is reproducible too."""
-
-    def __init__(self, dataset_dicts: DatasetFromList, mapper: Callable):
-        self.dataset_dicts = dataset_dicts
-        self.mapper = mapper
-
-    def __len__(self) -> int:
-        return len(self.dataset_dicts)
-
-    def __getitem__(self, key: tuple[int, int]) -> Any:
-        index, seed = key
-        for attempt in range(100):
-            with _forked_cpu_rngs(derive_seed(seed, attempt)):
-                data = self.mapper(self.dataset_dicts[index])
-            if data is not None:
-                return data
-            logger.warning("Failed to map dataset item %d (attempt %d); trying another", index,
-                           attempt)
-            index = random.Random(derive_seed(seed, attempt, _RETRY_STREAM)).randrange(len(self))
-        raise RuntimeError(f"The mapper dropped 100 samples in a row (from index {index})")
-
-
-class ResumableTrainLoader:
-    """Infinite training batches of one process, positioned by iteration.
-
-    Batch ``i`` (the data of iteration ``i``) depends only on (``seed``, ``i``, rank): the
-    sampler's index stream is seeded, grouped into batches by aspect ratio at the index level,
-    and each sample is mapped under RNGs seeded from (``seed``, ``i``, rank, position). Set
-    ``seed`` and ``start_iter`` before iterating; iteration starts at batch ``start_iter``.
-
-    Args:
-        dataset_dicts (list[dict]): detectron2 dataset dicts.
-        mapper (callable): dataset dict -> model input (``DatasetMapper``).
-        sampler_factory (callable): seed -> infinite sampler of this process's indices.
-        batch_size (int): images per batch of this process.
-        aspect_ratio_grouping (bool): batch landscape and portrait images separately (by the
-            dicts' ``width``/``height``; without them, no grouping).
-        num_workers (int): loader worker processes (0: map in this process).
-        seed (int): run seed.
-    """
-
-    def __init__(self, dataset_dicts: Sequence[dict], mapper: Callable,
-                 sampler_factory: Callable[[int], Any], batch_size: int,
-                 aspect_ratio_grouping: bool = True, num_workers: int = 0, seed: int = 0):
-        self.group_ids = None
-        if aspect_ratio_grouping and all("width" in d and "height" in d for d in dataset_dicts):
-            self.group_ids = np.asarray(
-                [0 if d["width"] > d["height"] else 1 for d in dataset_dicts], dtype=np.uint8
-            )
-        self.dataset = _SeededMapDataset(DatasetFromList(list(dataset_dicts), copy=False),
-                                         mapper)
-        self.sampler_factory = sampler_factory
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.seed = seed
-        self.start_iter = 0
-
-    def batch_keys(self) -> Iterator[list[tuple[int, int]]]:
-        """``[(dataset index, sample seed), ...]`` of every batch from ``start_iter`` on."""
-        seed, start, rank = self.seed, self.start_iter, comm.get_rank()
-        buckets: list[list[int]] = [[], []]
-        iteration = 0
-        for index in self.sampler_factory(seed):
-            bucket = buckets[0 if self.group_ids is None else int(self.group_ids[index])]
-            bucket.append(int(index))
-            if len(bucket) < self.batch_size:
-                continue
-            if iteration >= start:
-                yield [(i, derive_seed(seed, _DATA_STREAM, iteration, rank, j))
-                       for j, i in enumerate(bucket)]
-            bucket.clear()
-            iteration += 1
-
-    def __iter__(self) -> Iterator[list[dict]]:
-        # Creating a multi-worker iterator draws from torch's RNG: keep that out of the
-        # training stream.
-        with torch.random.fork_rng(devices=[]):
-            loader = torch.utils.data.DataLoader(
-                self.dataset,
-                batch_sampler=_Batches(self),
-                num_workers=self.num_workers,
-                collate_fn=trivial_batch_collator,
-            )
-            iterator = iter(loader)
-        yield from iterator
-
-
-class _Batches:
-    """Iterable view of ``loader.batch_keys()`` for ``DataLoader(batch_sampler=...)``."""
-
-    def __init__(self, loader: ResumableTrainLoader):
-        self.loader = loader
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        return self.loader.batch_keys()
-
-
-def _sampler_factory(cfg, dataset_dicts: list[dict]) -> Callable[[int], Any] | None:
-    """seed -> detectron2 sampler named by ``DATALOADER.SAMPLER_TRAIN`` (None if unsupported)."""
-    name, size = cfg.DATALOADER.SAMPLER_TRAIN, len(dataset_dicts)
-    if name == "TrainingSampler":
-        return lambda seed: TrainingSampler(size, shuffle=True, seed=seed)
-    if name == "RepeatFactorTrainingSampler":
-        factors = RepeatFactorTrainingSampler.repeat_factors_from_category_frequency(
-            dataset_dicts, cfg.DATALOADER.REPEAT_THRESHOLD, sqrt=cfg.DATALOADER.REPEAT_SQRT
-        )
-        return lambda seed: RepeatFactorTrainingSampler(factors, seed=seed)
-    if name == "RandomSubsetTrainingSampler":
-        ratio = cfg.DATALOADER.RANDOM_SUBSET_RATIO
-        return lambda seed: RandomSubsetTrainingSampler(size, ratio, seed_shuffle=seed,
-                                                         seed_subset=seed)
-    return None
-
-
-def build_resumable_train_loader(cfg, dataset: Sequence[dict] | None = None,
-                                 mapper: Callable | None = None) -> ResumableTrainLoader | None:
-    """A ``ResumableTrainLoader`` over ``DATASETS.TRAIN`` with the sampler of
-    ``DATALOADER.SAMPLER_TRAIN``; its seed and start iteration are set by ``NFNetTrainer``.
-
-    Args:
-        cfg (CfgNode): the (worker-scaled) training config.
-        dataset (list[dict] | None): dataset dicts (default: ``DATASETS.TRAIN``, filtered as
-            detectron2's ``build_detection_train_loader`` does).
-        mapper (callable | None): dataset dict -> model input; returning None drops the sample
-            (another takes its place). Default: ``NFNetDatasetMapper`` (any image mode read as
-            RGB; unreadable training images skipped, see ``nfdet.detection.data``).
-
-    Returns:
-        ResumableTrainLoader | None: None for a sampler other than ``TrainingSampler``,
-        ``RepeatFactorTrainingSampler`` and ``RandomSubsetTrainingSampler`` (a warning says so).
-    """
-    if dataset is None:
-        dataset = get_detection_dataset_dicts(
-            cfg.DATASETS.TRAIN,
-            filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
-            min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE
-            if cfg.MODEL.KEYPOINT_ON else 0,
-            proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS
-            else None,
-        )
-    dataset = list(dataset)
-    factory = _sampler_factory(cfg, dataset)
-    if factory is None:
-        logger.warning("DATALOADER.SAMPLER_TRAIN %s: detectron2's loader is used; --resume will "
-                       "not continue its data order", cfg.DATALOADER.SAMPLER_TRAIN)
-        return None
-    world = comm.get_world_size()
-    if cfg.SOLVER.IMS_PER_BATCH % world:
-        raise ValueError(f"SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH} is not divisible by "
-                         f"the number of processes ({world})")
-    return ResumableTrainLoader(
-        dataset,
-        mapper if mapper is not None else NFNetDatasetMapper(cfg, True,
-                                                             dataset_size=len(dataset)),
-        factory,
-        cfg.SOLVER.IMS_PER_BATCH // world,
-        aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
-        num_workers=cfg.DATALOADER.NUM_WORKERS,
-    )
 
 
 class AGCStatsHook(HookBase):
@@ -324,10 +129,19 @@ class NFNetTrainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        """``build_resumable_train_loader(cfg)`` (detectron2's loader for samplers it does not
-        support)."""
-        loader = build_resumable_train_loader(cfg)
-        return loader if loader is not None else super().build_train_loader(cfg)
+        """``nfdet.detection.data.build_train_loader``: the checked ``DATASETS.TRAIN``
+        (``load_train_dataset``) in a ``ResumableTrainLoader`` with ``NFNetDatasetMapper``.
+
+        Raises:
+            DatasetError: nothing to train on, or masks ``MODEL.MASK_ON`` cannot train on.
+        """
+        return nfdet_data.build_train_loader(cfg)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name: str):
+        """detectron2's test loader with ``NFNetDatasetMapper``: any image mode read as RGB; an
+        unreadable image stops the evaluation with ``ImageReadError`` naming the file."""
+        return nfdet_data.build_test_loader(cfg, dataset_name)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name: str, output_folder: str | None = None
