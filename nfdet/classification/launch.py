@@ -4,6 +4,10 @@
 ``launch_from_args``. Processes are started by detectron2's ``launch`` (imported lazily, so
 ``import nfdet.classification`` does not need detectron2): one per GPU with NCCL, or, without a
 GPU, ``--num-gpus N`` CPU processes with gloo.
+
+A config that cannot be found or merged (an unknown name or key, with the closest valid ones
+suggested; a bad value) ends the command with a one-line usage error (exit status 2) before any
+process starts or anything is written to ``OUTPUT_DIR``, as ``tools/train_net.py`` does.
 """
 
 from __future__ import annotations
@@ -15,8 +19,8 @@ import sys
 
 import torch
 
-from ..config import resolve_config_file
-from .config import get_pretrain_cfg
+from ..config import ConfigError, resolve_config_file
+from .config import load_pretrain_cfg
 from .engine import PretrainTrainer, get_rank
 
 __all__ = [
@@ -76,11 +80,13 @@ def _setup_logging(output_dir: str, rank: int) -> None:
 
 
 def setup(args: argparse.Namespace):
-    """Build the frozen config from ``args`` and prepare ``OUTPUT_DIR`` and logging."""
-    cfg = get_pretrain_cfg()
-    if args.config_file:
-        cfg.merge_from_file(resolve_config_file(args.config_file))
-    cfg.merge_from_list(args.opts or [])
+    """Build the frozen config from ``args`` and prepare ``OUTPUT_DIR`` and logging.
+
+    Raises:
+        FileNotFoundError: no such config (close names listed).
+        ConfigError: an unknown key (closest valid keys suggested) or a bad value.
+    """
+    cfg = load_pretrain_cfg(args.config_file, args.opts)
     cfg.freeze()
     rank = get_rank()
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
@@ -137,7 +143,15 @@ def launch(main_func, num_gpus_per_machine: int, num_machines: int = 1, machine_
 
 
 def launch_from_args(args: argparse.Namespace) -> None:
-    """Run ``main(args)`` with the process layout the flags ask for."""
+    """Run ``main(args)`` with the process layout the flags ask for.
+
+    A config error ends the command first (usage error, exit status 2; see the module
+    docstring).
+    """
+    try:
+        load_pretrain_cfg(args.config_file, args.opts)
+    except (FileNotFoundError, ConfigError) as e:
+        pretrain_argument_parser().error(str(e))
     if args.num_gpus * args.num_machines == 1:
         main(args)  # no need to import detectron2 for a single process
         return
