@@ -8,16 +8,8 @@ Class names come from the metadata of DATASETS.TEST[0]; --register-coco NAME JSO
 registers a COCO-format dataset for that purpose. The logic lives in nfdet.detection.predictor.
 """
 
-from detectron2.utils.logger import setup_logger
-
-from nfdet.detection.engine import register_coco_datasets, setup_cfg
-from nfdet.detection.predictor import demo_argument_parser, run_demo
+from nfdet.detection.predictor import demo_main
 
 if __name__ == "__main__":
-    args = demo_argument_parser().parse_args()
-    setup_logger(name="nfdet")
-    setup_logger(name="detectron2")
-    register_coco_datasets(args.register_coco)
-    cfg = setup_cfg(args)
-    for path in run_demo(cfg, args.input, args.output, args.confidence_threshold):
+    for path in demo_main():
         print(path)

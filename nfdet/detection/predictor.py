@@ -1,4 +1,10 @@
-"""Inference on image files and drawing of the predictions (``tools/demo.py``)."""
+"""Inference on image files and drawing of the predictions (``tools/demo.py``).
+
+Images are read with nfdet's reader (``nfdet.data.validate.read_image_rgb``): any mode
+(grayscale, RGBA, 16-bit, ...) as 8-bit RGB, then handed to the model in ``INPUT.FORMAT``. A file
+that cannot be decoded (truncated, not an image) stops the demo with ``ImageReadError`` naming
+it; ``demo_main`` turns that and config errors into a one-line error.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +17,16 @@ from collections.abc import Sequence
 import numpy as np
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
+from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import ColorMode, Visualizer
 from PIL import Image
 
+from ..checkpoint import CheckpointFormatError
+from ..config import ConfigError
+from ..data.validate import DatasetError, ImageReadError, read_image_rgb
 from .checkpoint import NFNetCheckpointer
-from .engine import add_nfdet_arguments
+from .engine import add_nfdet_arguments, register_coco_datasets, setup_cfg
 
 __all__ = [
     "NFNetPredictor",
@@ -26,14 +35,16 @@ __all__ = [
     "expand_inputs",
     "draw_predictions",
     "run_demo",
+    "demo_main",
 ]
 
 logger = logging.getLogger(__name__)
 
 
 class NFNetPredictor(DefaultPredictor):
-    """detectron2's ``DefaultPredictor`` (one BGR ``np.ndarray`` in, the model's output dict out)
-    loading ``MODEL.WEIGHTS`` with ``NFNetCheckpointer``.
+    """detectron2's ``DefaultPredictor`` (one BGR ``np.ndarray`` in, converted to
+    ``INPUT.FORMAT``; the model's output dict out) loading ``MODEL.WEIGHTS`` with
+    ``NFNetCheckpointer``.
 
     Args:
         cfg (CfgNode): detectron2 config with nfdet's keys.
@@ -137,6 +148,10 @@ def run_demo(cfg: CfgNode, inputs: Sequence[str], output_dir: str,
 
     Returns:
         list[str]: the written PNG paths.
+
+    Raises:
+        FileNotFoundError: an input matches no file.
+        ImageReadError: an image cannot be decoded (named).
     """
     files = expand_inputs(inputs)
     predictor = NFNetPredictor(cfg)
@@ -144,11 +159,10 @@ def run_demo(cfg: CfgNode, inputs: Sequence[str], output_dir: str,
     os.makedirs(output_dir, exist_ok=True)
     written = []
     for path in files:
-        image_bgr = read_image(path, format="BGR")
-        predictions = predictor(image_bgr)
-        drawing = draw_predictions(
-            image_bgr[:, :, ::-1], predictions, metadata, confidence_threshold
-        )
+        image_rgb = np.asarray(read_image_rgb(path, exif_transpose=True))
+        # DefaultPredictor takes BGR and converts to INPUT.FORMAT itself.
+        predictions = predictor(np.ascontiguousarray(image_rgb[:, :, ::-1]))
+        drawing = draw_predictions(image_rgb, predictions, metadata, confidence_threshold)
         out = os.path.join(output_dir, os.path.splitext(os.path.basename(path))[0] + ".png")
         Image.fromarray(drawing).save(out)
         logger.info(
@@ -157,3 +171,27 @@ def run_demo(cfg: CfgNode, inputs: Sequence[str], output_dir: str,
         )
         written.append(out)
     return written
+
+
+def demo_main(argv: Sequence[str] | None = None) -> list[str]:
+    """``tools/demo.py``: parse ``argv`` and ``run_demo``. A config or dataset error ends the
+    command with a one-line usage error (exit status 2); an input that is missing or cannot be
+    decoded, or unreadable ``MODEL.WEIGHTS``, with a one-line error naming it (exit status 1).
+
+    Returns:
+        list[str]: the written PNG paths.
+    """
+    parser = demo_argument_parser()
+    args = parser.parse_args(argv)
+    setup_logger(name="nfdet")
+    setup_logger(name="detectron2")
+    try:
+        register_coco_datasets(args.register_coco)
+        cfg = setup_cfg(args)
+    except (FileNotFoundError, ConfigError, DatasetError) as e:
+        parser.error(str(e))
+    try:
+        return run_demo(cfg, args.input, args.output, args.confidence_threshold)
+    except (FileNotFoundError, ImageReadError, CheckpointFormatError) as e:
+        logger.error("%s", e)
+        parser.exit(1, f"{parser.prog}: error: {e}\n")
