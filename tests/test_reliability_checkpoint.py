@@ -19,10 +19,10 @@ from detectron2.data import DatasetCatalog
 from detectron2.data.datasets import register_coco_instances
 from PIL import Image
 
-from nfdet.checkpoint import save_checkpoint
-from nfdet.checkpoint.convert import (
+from nfdet.checkpoint import (
     CheckpointFormatError,
     load_torch_checkpoint,
+    save_checkpoint,
     write_text_atomic,
 )
 from nfdet.classification import PretrainTrainer, get_pretrain_cfg
@@ -81,7 +81,7 @@ def test_kill_while_replacing_last_checkpoint_keeps_the_old_pointer(tmp_path):
     # A process SIGKILLed after writing the new pointer's bytes, before they are in place.
     code = (
         "import os, signal\n"
-        "from nfdet.checkpoint.convert import write_text_atomic\n"
+        "from nfdet.checkpoint import write_text_atomic\n"
         "os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)\n"
         f"write_text_atomic({str(pointer)!r}, 'model_0000003.pth')\n"
     )

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from nfdet.checkpoint.convert import (
+from nfdet.checkpoint import (
     CheckpointFormatError,
     load_torch_checkpoint,
     save_checkpoint,

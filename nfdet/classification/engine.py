@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from nfdet.checkpoint.convert import CheckpointFormatError
+from nfdet.checkpoint import CheckpointFormatError
 from nfdet.modeling import build_nfnet, canonical_name
 from nfdet.solver import build_optimizer, get_agc_stats
 

@@ -33,7 +33,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from torch import nn
 
-from ..checkpoint.convert import load_torch_checkpoint, save_checkpoint, write_text_atomic
+from ..checkpoint import load_torch_checkpoint, save_checkpoint, write_text_atomic
 from .backbone import NFNetBackbone
 
 __all__ = [
