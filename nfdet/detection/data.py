@@ -244,7 +244,7 @@ class NFNetDatasetMapper(DatasetMapper):
     def __call__(self, dataset_dict: dict) -> dict | None:
         key = (dataset_dict.get("image_id"), dataset_dict["file_name"])
         if self.is_train and key in self.bad_images:
-            return None  # known bad: the caller (detectron2's MapDataset) picks another image
+            return None  # known bad: the loader (ResumableTrainLoader) picks another image
         try:
             image = self.read_image(dataset_dict)
         except ImageReadError as e:
