@@ -226,9 +226,9 @@ def test_cache_avoids_recomputation(monkeypatch):
     calls = []
     original = ScaledStdConv2d.standardized_weight
 
-    def counting(self):
+    def counting(self, *args):
         calls.append(self)
-        return original(self)
+        return original(self, *args)
 
     monkeypatch.setattr(ScaledStdConv2d, "standardized_weight", counting)
     model, x = _nano(), torch.randn(1, 3, 32, 32)
@@ -367,8 +367,9 @@ def test_folded_block_matches_explicit_reference_forward_and_backward(stride):
         torch.testing.assert_close(a, b, msg=lambda m, name=name: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("floored", [False, True], ids=["batch_norm_path", "eps_floor_path"])
-def test_standardization_backward_is_exact(floored):
+def test_standardization_backward_is_exact(floored, channels_last):
     from nfdet.modeling.layers import _StandardizeWeight
 
     torch.manual_seed(0)
@@ -377,9 +378,26 @@ def test_standardization_backward_is_exact(floored):
         w[2] *= 1e-4  # var * fan_in below eps: the floor holds this channel's scale constant
     w.requires_grad_(True)
     gain = torch.rand(6, 1, 1, 1, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(
-        lambda w, g: _StandardizeWeight.apply(w, g, 36, 1e-4, 1.7), (w, gain)
-    )
+
+    def standardize(w, g):
+        out = _StandardizeWeight.apply(w, g, 36, 1e-4, 1.7, channels_last)
+        if channels_last and not floored:  # the batch-norm path honours the layout request
+            assert out.is_contiguous(memory_format=torch.channels_last)
+        return out
+
+    assert torch.autograd.gradcheck(standardize, (w, gain))
+    var, mean = torch.var_mean(w, dim=(1, 2, 3), keepdim=True, unbiased=False)
+    reference = (w - mean) * torch.rsqrt(torch.clamp(var * 36, min=1e-4)) * gain * 1.7
+    torch.testing.assert_close(standardize(w, gain), reference)
+
+
+def test_spatial_mean_keeps_channels_last_gradients():
+    from nfdet.modeling.layers import spatial_mean
+
+    x = torch.randn(2, 8, 5, 7, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last).requires_grad_(True)
+    torch.testing.assert_close(spatial_mean(x), x.mean(dim=(2, 3)))
+    assert torch.autograd.gradcheck(spatial_mean, (x,))
 
 
 def test_packed_eval_convolutions_match_plain_ones(monkeypatch):

@@ -193,7 +193,9 @@ def benchmark_backbone(args: argparse.Namespace) -> dict:
                 for name in built:
                     layout = "nchw" if config == "default" else "channels_last"
                     model = copy_for(name, layout, mode, size)
-                    compiled = (torch.compile(model, backend=args.compile_backend)
+                    # Static shapes: one compile per size (the default would recompile the
+                    # second size with dynamic shapes, slower to build and to run).
+                    compiled = (torch.compile(model, backend=args.compile_backend, dynamic=False)
                                 if config == "compile" else model)
                     label = f"{name} {config} {mode} {size}px"
                     cases[label] = _case(model, compiled, mode, x if layout == "nchw" else x_cl,

@@ -17,6 +17,7 @@ __all__ = [
     "SqueezeExcite",
     "StochasticDepth",
     "same_padding",
+    "spatial_mean",
 ]
 
 # gamma such that act(x) * gamma has unit variance for x ~ N(0, 1) (DeepMind's constants; the
@@ -101,11 +102,17 @@ class _StandardizeWeight(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, weight, gain, fan_in: int, eps: float, scale: float):
+    def forward(ctx, weight, gain, fan_in: int, eps: float, scale: float,
+                channels_last: bool = False):
         ctx.scale, ctx.fan_in = scale, fan_in
         out_channels = weight.shape[0]
         if weight.device.type == "cpu" and not torch.compiler.is_compiling():
-            flat = weight.reshape(1, out_channels, -1)
+            # channels_last: standardize the (out, kh, kw, in) order, so that the result is
+            # channels_last like the conv's input and no one re-lays the weight out (the conv
+            # would, forward and backward, and its weight gradient would come back permuted).
+            ctx.permuted = channels_last and weight.dim() == 4
+            src = weight.permute(0, 2, 3, 1) if ctx.permuted else weight
+            flat = src.reshape(1, out_channels, -1)
             bn_weight = gain.reshape(out_channels) * (scale / math.sqrt(fan_in))
             out, mean, invstd = torch.native_batch_norm(
                 flat, bn_weight, None, None, None, True, 0.0, 0.0
@@ -114,7 +121,8 @@ class _StandardizeWeight(torch.autograd.Function):
             if bool((invstd <= math.sqrt(fan_in / eps)).all()):
                 ctx.fast = True
                 ctx.save_for_backward(flat, bn_weight, mean, invstd)
-                return out.view_as(weight)
+                out = out.view(src.shape)
+                return out.permute(0, 3, 1, 2) if ctx.permuted else out
         ctx.fast = False
         var, mean = torch.var_mean(weight, dim=(1, 2, 3), keepdim=True, correction=0)
         var_n = var * fan_in
@@ -128,15 +136,20 @@ class _StandardizeWeight(torch.autograd.Function):
     def backward(ctx, grad):
         if ctx.fast:
             flat, bn_weight, mean, invstd = ctx.saved_tensors
+            g = grad.permute(0, 2, 3, 1) if ctx.permuted else grad
             grad_flat, grad_bn_weight, _ = torch.ops.aten.native_batch_norm_backward(
-                grad.reshape(flat.shape), flat, bn_weight, None, None, mean, invstd, True, 0.0,
+                g.reshape(flat.shape), flat, bn_weight, None, None, mean, invstd, True, 0.0,
                 [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False],
             )
-            grad_weight = grad_flat.view(grad.shape) if grad_flat is not None else None
+            grad_weight = None
+            if grad_flat is not None:
+                grad_weight = grad_flat.view(g.shape)
+                if ctx.permuted:
+                    grad_weight = grad_weight.permute(0, 3, 1, 2)
             grad_gain = None
             if grad_bn_weight is not None:
                 grad_gain = (grad_bn_weight * (ctx.scale / math.sqrt(ctx.fan_in))).view(-1, 1, 1, 1)
-            return grad_weight, grad_gain, None, None, None
+            return grad_weight, grad_gain, None, None, None, None
         weight, gain, mean, inv_std, unclamped = ctx.saved_tensors
         dims = (1, 2, 3)
         grad_sum = grad.sum(dim=dims, keepdim=True)
@@ -155,7 +168,7 @@ class _StandardizeWeight(torch.autograd.Function):
             k = mult * inv_std * inv_std * grad_dot * unclamped
             grad_weight = torch.addcmul(k * mean - mult * grad_sum / n, grad, mult)
             grad_weight.addcmul_(weight, k, value=-1.0)
-        return grad_weight, grad_gain, None, None, None
+        return grad_weight, grad_gain, None, None, None, None
 
 
 class ScaledStdConv2d(nn.Conv2d):
@@ -225,10 +238,12 @@ class ScaledStdConv2d(nn.Conv2d):
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
-    def standardized_weight(self) -> torch.Tensor:
-        """The weight the convolution uses (``input_gain`` included)."""
+    def standardized_weight(self, channels_last: bool = False) -> torch.Tensor:
+        """The weight the convolution uses (``input_gain`` included); ``channels_last`` asks for
+        it in that layout (where the convolution's input is)."""
         return _StandardizeWeight.apply(
-            self.weight, self.gain, self.fan_in, self.eps, float(self.input_gain)
+            self.weight, self.gain, self.fan_in, self.eps, float(self.input_gain),
+            channels_last and self.kernel_size != (1, 1),
         )
 
     def _cached(self) -> list | None:
@@ -321,7 +336,10 @@ class ScaledStdConv2d(nn.Conv2d):
                 return out
             weight = cache[3]
         else:
-            weight = self.standardized_weight()
+            weight = self.standardized_weight(
+                x.dim() == 4 and not x.is_contiguous()
+                and x.is_contiguous(memory_format=torch.channels_last)
+            )
         out = F.conv2d(x, weight, self.bias, self.stride, padding, self.dilation, self.groups)
         return out if self.activation is None else _ACTIVATION_FN[self.activation](out)
 
@@ -338,6 +356,16 @@ class ScaledStdConv2d(nn.Conv2d):
         return state
 
 
+def spatial_mean(x: torch.Tensor) -> torch.Tensor:
+    """``x.mean(dim=(2, 3))``, with a backward that keeps a channels_last gradient fast.
+
+    ``mean``'s backward materialises the broadcast gradient divided by H*W in NCHW, which then
+    meets the channels_last gradient of the same tensor in a slow mixed-layout addition. Here
+    the division happens on the (N, C) result, so the gradient stays a free broadcast.
+    """
+    return x.sum(dim=(2, 3)) * (1.0 / (x.shape[2] * x.shape[3]))
+
+
 class SqueezeExcite(nn.Module):
     """Squeeze-excite returning the sigmoid gate (the block multiplies by ``2 * gate``).
 
@@ -352,7 +380,7 @@ class SqueezeExcite(nn.Module):
         self.fc2 = nn.Linear(hidden, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.mean(dim=(2, 3))
+        h = spatial_mean(x)
         h = self.fc2(F.relu(self.fc1(h)))
         return torch.sigmoid(h)[:, :, None, None]
 

@@ -21,6 +21,7 @@ from .layers import (
     SqueezeExcite,
     StochasticDepth,
     activation_fn,
+    spatial_mean,
 )
 from .variants import NFNetSpec, get_variant
 
@@ -306,7 +307,7 @@ class NFNet(nn.Module):
         return self.trunk(x)
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head.fc(self.head.drop(features.mean(dim=(2, 3))))
+        return self.head.fc(self.head.drop(spatial_mean(features)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
