@@ -184,7 +184,8 @@ class ScaledStdConv2d(nn.Conv2d):
     ``load_state_dict`` and device/dtype moves drop the cache. Writes through ``param.data``
     bypass PyTorch's version counters: after such writes call ``model.eval()`` (or
     ``clear_cache()``) before the next forward. Under ``torch.compile`` nothing is cached (the
-    compiler fuses the standardization instead). The cache costs one extra copy of the weights.
+    compiler fuses the standardization instead). The cache costs one extra copy of the weights
+    (two with the packed copy below).
 
     ``input_gain`` (a float attribute, 1 by default; not a parameter) multiplies the input: the
     conv is linear, so it is folded into the standardized weight instead of costing a pass over
@@ -226,7 +227,7 @@ class ScaledStdConv2d(nn.Conv2d):
         # Stride 1 with an odd kernel pads symmetrically: a static padding. Otherwise SAME padding
         # depends on the input size and is computed per call.
         self._static_pad = (k - 1) // 2 if (self.stride[0] == 1 and k % 2 == 1) else None
-        self._cache: tuple | None = None
+        self._cache: list | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
