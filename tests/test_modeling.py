@@ -440,3 +440,23 @@ def test_memory_format_changes_layout_not_values(memory_format):
 def test_memory_format_must_be_known():
     with pytest.raises(ValueError, match="memory_format.*'nhwc'"):
         build_nfnet("nano", memory_format="nhwc")
+
+
+def test_eval_block_writes_in_place_only_into_its_own_buffer():
+    """Without autograd the block adds the residual into conv3's output buffer: same values as
+    the autograd path, and neither its input nor the returned features of earlier stages change."""
+    model = _nano()
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        features = model.trunk.forward_stages(x)
+        snapshot = [f.clone() for f in features]
+    torch.testing.assert_close(features, snapshot, rtol=0, atol=0)
+    grad_features = model.trunk.forward_stages(x.clone().requires_grad_(True))
+    for a, b in zip(features, grad_features):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-4, atol=1e-5)  # packed vs plain convs
+    block = model.trunk.stages[1][0]
+    inp = torch.randn(2, block.conv1.in_channels, 9, 7)
+    before = inp.clone()
+    with torch.no_grad():
+        block(inp)
+    torch.testing.assert_close(inp, before, rtol=0, atol=0)
