@@ -43,7 +43,8 @@ class NFBlock(nn.Module):
     The scalar multiplications cost no pass over the activations: gamma and beta are folded into
     the following convolutions (``ScaledStdConv2d.input_gain``), and ``2 * skip_gain * alpha``
     and stochastic depth into the squeeze-excite gate, which is applied together with the
-    residual addition (one ``addcmul``).
+    residual addition (one ``addcmul``). Without autograd that addition is written into
+    conv3's output buffer (a forward hook on ``conv3`` that keeps the output sees it change).
 
     Args:
         in_channels (int): input channels.
