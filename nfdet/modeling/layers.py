@@ -160,13 +160,12 @@ class _StandardizeWeight(torch.autograd.Function):
             grad_gain = (grad_dot * inv_std * ctx.scale).to(gain.dtype)
         grad_weight = None
         if ctx.needs_input_grad[0]:
-            n = weight[0].numel()
             mult = inv_std * gain * ctx.scale
             # d/dw of (w - mean) * inv_std: inv_std * (g - mean(g)) minus the part through the
             # variance, inv_std**3 * (w - mean) * sum(g * (w - mean)), which is absent where the
             # eps floor holds inv_std constant.
             k = mult * inv_std * inv_std * grad_dot * unclamped
-            grad_weight = torch.addcmul(k * mean - mult * grad_sum / n, grad, mult)
+            grad_weight = torch.addcmul(k * mean - mult * grad_sum / ctx.fan_in, grad, mult)
             grad_weight.addcmul_(weight, k, value=-1.0)
         return grad_weight, grad_gain, None, None, None, None
 
@@ -271,10 +270,6 @@ class ScaledStdConv2d(nn.Conv2d):
                 cache = [key, weight, gain, self.standardized_weight(), None]
             self._cache = cache
         return cache
-
-    def _weight_for_forward(self) -> torch.Tensor:
-        cache = self._cached()
-        return self.standardized_weight() if cache is None else cache[3]
 
     def _packed_forward(self, x: torch.Tensor, padding: int, cache: list) -> torch.Tensor | None:
         """Eval on CPU: oneDNN's convolution with the standardized weight reordered once into
