@@ -34,7 +34,7 @@ from ..benchmarking import (
     time_interleaved,
     write_json,
 )
-from ..config import resolve_config_file
+from ..config import merge_config, resolve_config_file
 from ..solver import build_optimizer
 from .config import get_nfdet_cfg
 
@@ -102,11 +102,11 @@ def load_benchmark_config(name: str, opts: list[str], device: torch.device):
     if name.startswith("d2:"):
         from detectron2 import model_zoo
 
-        cfg.merge_from_file(model_zoo.get_config_file(name[3:]))
+        merge_config(cfg, model_zoo.get_config_file(name[3:]))
         cfg.SOLVER.AGC.ENABLED = False
     else:
-        cfg.merge_from_file(resolve_config_file(name))
-    cfg.merge_from_list(list(opts))
+        merge_config(cfg, resolve_config_file(name))
+    merge_config(cfg, None, opts)
     cfg.MODEL.DEVICE = str(device)
     cfg.MODEL.WEIGHTS = ""
     cfg.freeze()

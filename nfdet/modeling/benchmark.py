@@ -71,12 +71,9 @@ def _split(value: str, allowed: tuple[str, ...], flag: str) -> list[str]:
 
 def variant_sizes(variant: str) -> list[int]:
     """The train and test resolutions of the variant's pretraining config."""
-    from ..classification.config import get_pretrain_cfg
-    from ..config import resolve_config_file
+    from ..classification.config import load_pretrain_cfg
 
-    path = resolve_config_file(f"pretrain/nfnet_{variant.lower()}_imagenet.yaml")
-    cfg = get_pretrain_cfg()
-    cfg.merge_from_file(path)
+    cfg = load_pretrain_cfg(f"pretrain/nfnet_{variant.lower()}_imagenet.yaml")
     return [cfg.INPUT.TRAIN_SIZE, cfg.INPUT.TEST_SIZE]
 
 
@@ -109,7 +106,7 @@ def _timm_pair(variant: str, device: torch.device):
 def check_agreement(ours, reference, size: int, device: torch.device, tolerance: float) -> float:
     """Max |ours - reference| of eval logits (fp32) relative to max |logit|; raises if above
     ``tolerance``."""
-    x = torch.randn(2, 3, size, size, device=device, generator=None)
+    x = torch.randn(2, 3, size, size, device=device)
     ours.eval()
     reference.eval()
     with torch.no_grad():
