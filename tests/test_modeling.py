@@ -460,3 +460,14 @@ def test_eval_block_writes_in_place_only_into_its_own_buffer():
     with torch.no_grad():
         block(inp)
     torch.testing.assert_close(inp, before, rtol=0, atol=0)
+
+
+def test_eval_block_with_only_the_gains_trainable_backpropagates():
+    """The in-place residual is for no-autograd only: with frozen convs but trainable skip gains
+    (the gate needs a gradient) the block takes the autograd path."""
+    model = _nano()
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.endswith("skip_gain"))
+    model(torch.randn(1, 3, 32, 32)).sum().backward()
+    gains = [p.grad for n, p in model.named_parameters() if n.endswith("skip_gain")]
+    assert gains and all(g is not None and torch.isfinite(g).all() for g in gains)
