@@ -367,28 +367,36 @@ def test_folded_block_matches_explicit_reference_forward_and_backward(stride):
         torch.testing.assert_close(a, b, msg=lambda m, name=name: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("weight_layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("floored", [False, True], ids=["batch_norm_path", "eps_floor_path"])
-def test_standardization_backward_is_exact(floored, channels_last):
-    from nfdet.modeling.layers import _StandardizeWeight
+def test_standardization_backward_is_exact(floored, channels_last, weight_layout):
+    from nfdet.modeling.layers import standardize_weight
 
     torch.manual_seed(0)
     w = torch.randn(6, 4, 3, 3, dtype=torch.float64)
     if floored:
         w[2] *= 1e-4  # var * fan_in below eps: the floor holds this channel's scale constant
+    w = w.contiguous(memory_format=torch.channels_last if weight_layout == "channels_last"
+                     else torch.contiguous_format)
     w.requires_grad_(True)
     gain = torch.rand(6, 1, 1, 1, dtype=torch.float64, requires_grad=True)
 
     def standardize(w, g):
-        out = _StandardizeWeight.apply(w, g, 36, 1e-4, 1.7, channels_last)
-        if channels_last and not floored:  # the batch-norm path honours the layout request
-            assert out.is_contiguous(memory_format=torch.channels_last)
+        out = standardize_weight(w, g, 36, 1e-4, 1.7, channels_last)
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        assert out.is_contiguous(memory_format=layout)  # both paths honour the layout request
         return out
 
     assert torch.autograd.gradcheck(standardize, (w, gain))
     var, mean = torch.var_mean(w, dim=(1, 2, 3), keepdim=True, unbiased=False)
     reference = (w - mean) * torch.rsqrt(torch.clamp(var * 36, min=1e-4)) * gain * 1.7
     torch.testing.assert_close(standardize(w, gain), reference)
+    # The gradient of a weight comes back in the weight's own layout when the standardization
+    # runs in it (no re-layout copy for AccumulateGrad).
+    if not floored and channels_last == (weight_layout == "channels_last"):
+        standardize(w, gain).sum().backward()
+        assert w.grad.stride() == w.stride()
 
 
 def test_spatial_mean_keeps_channels_last_gradients():

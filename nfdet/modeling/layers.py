@@ -18,6 +18,7 @@ __all__ = [
     "StochasticDepth",
     "same_padding",
     "spatial_mean",
+    "standardize_weight",
 ]
 
 # gamma such that act(x) * gamma has unit variance for x ~ N(0, 1) (DeepMind's constants; the
@@ -79,6 +80,12 @@ class GammaAct(nn.Module):
         return f"{self.name}, gamma={self.gamma:.6f}"
 
 
+def _is_channels_last(t: torch.Tensor) -> bool:
+    """A 4-d tensor laid out channels_last (and not also plain contiguous, as 1x1 maps are)."""
+    return (t.dim() == 4 and not t.is_contiguous()
+            and t.is_contiguous(memory_format=torch.channels_last))
+
+
 def same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
     """TensorFlow 'SAME' padding (before, after) for one spatial dimension."""
     effective = (kernel - 1) * dilation + 1
@@ -87,44 +94,59 @@ def same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tupl
     return total // 2, total - total // 2
 
 
-class _StandardizeWeight(torch.autograd.Function):
-    """``w_hat = (w - mean) * gain * scale / sqrt(max(var * fan_in, eps))`` per output channel,
-    with a hand-written backward.
+def standardize_weight(
+    weight: torch.Tensor,
+    gain: torch.Tensor,
+    fan_in: int,
+    eps: float,
+    scale: float,
+    channels_last: bool = False,
+) -> torch.Tensor:
+    """``w_hat = (w - mean) * gain * scale / sqrt(max(var * fan_in, eps))`` per output channel
+    (differentiable in ``weight`` and ``gain``).
 
-    Autograd through ``var_mean``/``sub``/``mul`` makes about ten slow passes over every weight
-    per training step (the weights of an F0 are 280 MB). On CPU, when no channel is at the eps
-    floor (the rule for weights of any real scale), this is exactly a batch norm of the
-    ``(1, out_channels, fan_in)`` view with zero eps and the per-channel weight
-    ``gain * scale / sqrt(fan_in)``, so it runs on ATen's fused batch-norm kernels (two passes
-    forward, two backward). Otherwise (a channel at the floor; CUDA, where the check would
-    synchronise; under ``torch.compile``, which fuses the ops itself) a few elementwise ops do
-    it.
+    On CPU, when no channel is at the eps floor (the rule for weights of any real scale), this is
+    exactly a batch norm of the ``(1, out_channels, fan_in)`` view with zero eps and the
+    per-channel weight ``gain * scale / sqrt(fan_in)``: it runs on ATen's fused batch-norm
+    kernels, forward and backward (autograd through ``var_mean``/``sub``/``mul`` makes about ten
+    slow passes over every weight per training step; the weights of an F0 are 186 MB). Otherwise
+    (a channel at the floor; CUDA, where the floor check would synchronise; under
+    ``torch.compile``, which fuses the ops itself) ``_FlooredStandardize`` does it.
+
+    ``channels_last`` asks for a 4-d result in that layout (where the convolution's input is): the
+    weight is then standardized in (out, kh, kw, in) order, which for a channels_last weight
+    (as ``ScaledStdConv2d`` keeps its kxk weights) is its own memory order, so neither the
+    standardization nor the convolution nor the gradient copies it.
     """
+    out_channels = weight.shape[0]
+    permuted = channels_last and weight.dim() == 4
+    if weight.device.type == "cpu" and not torch.compiler.is_compiling():
+        src = weight.permute(0, 2, 3, 1) if permuted else weight
+        flat = src.reshape(1, out_channels, -1)
+        bn_weight = gain.reshape(out_channels) * (scale / math.sqrt(fan_in))
+        out, _, invstd = torch.native_batch_norm(
+            flat, bn_weight, None, None, None, True, 0.0, 0.0
+        )
+        # invstd = 1 / sqrt(var): the floor is not reached while invstd <= sqrt(fan_in / eps).
+        if bool((invstd.detach() <= math.sqrt(fan_in / eps)).all()):
+            out = out.view(src.shape)
+            return out.permute(0, 3, 1, 2) if permuted else out
+    out = _FlooredStandardize.apply(weight, gain, fan_in, eps, scale)
+    if out.dim() == 4:
+        layout = torch.channels_last if permuted else torch.contiguous_format
+        out = out.contiguous(memory_format=layout)
+    return out
+
+
+class _FlooredStandardize(torch.autograd.Function):
+    """``standardize_weight`` with the eps floor, by elementwise ops and a hand-written backward
+    (three passes over the weight instead of autograd's ten)."""
 
     @staticmethod
-    def forward(ctx, weight, gain, fan_in: int, eps: float, scale: float,
-                channels_last: bool = False):
+    def forward(ctx, weight, gain, fan_in: int, eps: float, scale: float):
         ctx.scale, ctx.fan_in = scale, fan_in
-        out_channels = weight.shape[0]
-        if weight.device.type == "cpu" and not torch.compiler.is_compiling():
-            # channels_last: standardize the (out, kh, kw, in) order, so that the result is
-            # channels_last like the conv's input and no one re-lays the weight out (the conv
-            # would, forward and backward, and its weight gradient would come back permuted).
-            ctx.permuted = channels_last and weight.dim() == 4
-            src = weight.permute(0, 2, 3, 1) if ctx.permuted else weight
-            flat = src.reshape(1, out_channels, -1)
-            bn_weight = gain.reshape(out_channels) * (scale / math.sqrt(fan_in))
-            out, mean, invstd = torch.native_batch_norm(
-                flat, bn_weight, None, None, None, True, 0.0, 0.0
-            )
-            # invstd = 1 / sqrt(var): the floor is not reached while invstd <= sqrt(fan_in/eps).
-            if bool((invstd <= math.sqrt(fan_in / eps)).all()):
-                ctx.fast = True
-                ctx.save_for_backward(flat, bn_weight, mean, invstd)
-                out = out.view(src.shape)
-                return out.permute(0, 3, 1, 2) if ctx.permuted else out
-        ctx.fast = False
-        var, mean = torch.var_mean(weight, dim=(1, 2, 3), keepdim=True, correction=0)
+        dims = tuple(range(1, weight.dim()))
+        var, mean = torch.var_mean(weight, dim=dims, keepdim=True, correction=0)
         var_n = var * fan_in
         inv_std = torch.rsqrt(torch.clamp(var_n, min=eps))
         mult = inv_std * gain * scale
@@ -134,24 +156,8 @@ class _StandardizeWeight(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        if ctx.fast:
-            flat, bn_weight, mean, invstd = ctx.saved_tensors
-            g = grad.permute(0, 2, 3, 1) if ctx.permuted else grad
-            grad_flat, grad_bn_weight, _ = torch.ops.aten.native_batch_norm_backward(
-                g.reshape(flat.shape), flat, bn_weight, None, None, mean, invstd, True, 0.0,
-                [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False],
-            )
-            grad_weight = None
-            if grad_flat is not None:
-                grad_weight = grad_flat.view(g.shape)
-                if ctx.permuted:
-                    grad_weight = grad_weight.permute(0, 3, 1, 2)
-            grad_gain = None
-            if grad_bn_weight is not None:
-                grad_gain = (grad_bn_weight * (ctx.scale / math.sqrt(ctx.fan_in))).view(-1, 1, 1, 1)
-            return grad_weight, grad_gain, None, None, None, None
         weight, gain, mean, inv_std, unclamped = ctx.saved_tensors
-        dims = (1, 2, 3)
+        dims = tuple(range(1, weight.dim()))
         grad_sum = grad.sum(dim=dims, keepdim=True)
         # sum(g * (w - mean)) per channel, without a weight-sized temporary for (w - mean).
         grad_dot = (grad * weight).sum(dim=dims, keepdim=True) - mean * grad_sum
@@ -167,7 +173,7 @@ class _StandardizeWeight(torch.autograd.Function):
             k = mult * inv_std * inv_std * grad_dot * unclamped
             grad_weight = torch.addcmul(k * mean - mult * grad_sum / ctx.fan_in, grad, mult)
             grad_weight.addcmul_(weight, k, value=-1.0)
-        return grad_weight, grad_gain, None, None, None, None
+        return grad_weight, grad_gain, None, None, None
 
 
 class ScaledStdConv2d(nn.Conv2d):
@@ -227,13 +233,24 @@ class ScaledStdConv2d(nn.Conv2d):
         # depends on the input size and is computed per call.
         self._static_pad = (k - 1) // 2 if (self.stride[0] == 1 and k % 2 == 1) else None
         self._cache: list | None = None
+        if k > 1:
+            # kxk weights live in channels_last, the layout the convolutions compute in on CPU:
+            # standardizing them in that order needs no copy, and their gradients come back in
+            # it (a plain 1x1 weight is channels_last already).
+            self.weight = nn.Parameter(self.weight.detach().contiguous(
+                memory_format=torch.channels_last))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         # Variance scaling over fan-in (normal); standardization makes the scale irrelevant.
         if not hasattr(self, "gain") or self.weight.is_meta:
             return  # nn.Conv2d's call before gain exists; meta tensors hold no values
-        nn.init.normal_(self.weight, 0.0, 1.0 / math.sqrt(self.weight[0].numel()))
+        # Drawn in (out, in, kh, kw) order whatever the memory layout: a seed gives the same
+        # weights in every layout.
+        with torch.no_grad():
+            self.weight.copy_(torch.empty(self.weight.shape, dtype=self.weight.dtype,
+                                          device=self.weight.device).normal_(
+                0.0, 1.0 / math.sqrt(self.weight[0].numel())))
         nn.init.ones_(self.gain)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
@@ -241,7 +258,7 @@ class ScaledStdConv2d(nn.Conv2d):
     def standardized_weight(self, channels_last: bool = False) -> torch.Tensor:
         """The weight the convolution uses (``input_gain`` included); ``channels_last`` asks for
         it in that layout (where the convolution's input is)."""
-        return _StandardizeWeight.apply(
+        return standardize_weight(
             self.weight, self.gain, self.fan_in, self.eps, float(self.input_gain),
             channels_last and self.kernel_size != (1, 1),
         )
@@ -267,7 +284,8 @@ class ScaledStdConv2d(nn.Conv2d):
         if cache is None or cache[0] != key or cache[1] is not weight or cache[2] is not gain:
             # A normal tensor even under inference_mode, so it can be served outside it later.
             with torch.inference_mode(False), torch.no_grad():
-                cache = [key, weight, gain, self.standardized_weight(), None]
+                cache = [key, weight, gain, self.standardized_weight(_is_channels_last(weight)),
+                         None]
             self._cache = cache
         return cache
 
@@ -331,11 +349,13 @@ class ScaledStdConv2d(nn.Conv2d):
             if out is not None:
                 return out
             weight = cache[3]
+            if self.kernel_size != (1, 1) and _is_channels_last(weight) != _is_channels_last(x):
+                # The cache keeps the weight's own layout (channels_last); an input in the other
+                # layout gets a copy in its own, as convolutions follow their weight's layout too.
+                weight = weight.contiguous(memory_format=torch.channels_last
+                                           if _is_channels_last(x) else torch.contiguous_format)
         else:
-            weight = self.standardized_weight(
-                x.dim() == 4 and not x.is_contiguous()
-                and x.is_contiguous(memory_format=torch.channels_last)
-            )
+            weight = self.standardized_weight(_is_channels_last(x))
         out = F.conv2d(x, weight, self.bias, self.stride, padding, self.dilation, self.groups)
         return out if self.activation is None else _ACTIVATION_FN[self.activation](out)
 

@@ -34,6 +34,11 @@ _CONCAT_MAX_NUMEL = 1 << 16
 def _unit_view(t: torch.Tensor) -> torch.Tensor:
     """``t`` as a (units, fan) matrix: dim 0 is the unit for rank >= 2, else one unit."""
     if t.dim() >= 2:
+        if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(
+                memory_format=torch.channels_last):
+            # A channels_last tensor is (out, kh, kw, in) in memory: a view in that order (a
+            # unit's norm does not depend on the order of its entries).
+            t = t.permute(0, 2, 3, 1)
         return t.reshape(t.shape[0], -1)
     return t.reshape(1, -1)
 
