@@ -36,7 +36,7 @@ __all__ = [
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, repeats: int = 5,
-                         warmup: int = 1) -> None:
+                         warmup: int = 3) -> None:
     """``--device --threads --repeats --warmup --json --smoke``, shared by the subcommands."""
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda (default: cuda when present); CUDA runs use bf16 "
@@ -131,22 +131,31 @@ def time_interleaved(
     log: Callable[[str], None] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Time every case ``repeats`` times, interleaved; return per case its median, best and
-    first-warmup seconds (the warm-up of a compiled case is its compile time)."""
-    warm: dict[str, float] = {}
-    for name, fn in cases.items():
-        start = time.perf_counter()
-        for _ in range(warmup):
-            fn()
-        synchronize(device)
-        warm[name] = time.perf_counter() - start
+    first-warmup seconds (the warm-up of a compiled case is its compile time).
+
+    Warm-up rounds are interleaved like the timed ones, so every case starts timing in the same
+    settled process (on CPU the first calls of a case page in fresh memory, and so slow down
+    the calls of other cases too). Rounds alternate their order (A B, then B A): no case
+    always runs right after the same other one.
+    """
+    names = list(cases)
+    warm: dict[str, float] = {name: 0.0 for name in names}
+    for r in range(warmup):
+        for name in names:
+            start = time.perf_counter()
+            cases[name]()
+            synchronize(device)
+            if r == 0:
+                warm[name] = time.perf_counter() - start
         if log:
-            log(f"  warmed up {name} in {warm[name]:.1f} s")
-    times: dict[str, list[float]] = {name: [] for name in cases}
+            log(f"  warm-up {r + 1}/{warmup} done"
+                + ("" if r else " (" + ", ".join(f"{n}: {warm[n]:.1f} s" for n in names) + ")"))
+    times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
-        for name, fn in cases.items():
+        for name in (names if r % 2 == 0 else names[::-1]):
             synchronize(device)
             start = time.perf_counter()
-            fn()
+            cases[name]()
             synchronize(device)
             times[name].append(time.perf_counter() - start)
         if log:

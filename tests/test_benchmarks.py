@@ -103,8 +103,9 @@ def test_peak_memory_counts_what_a_call_allocates():
 def test_interleaved_timing_and_table():
     calls = []
     cases = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
-    t = time_interleaved(cases, repeats=3, warmup=1, device=torch.device("cpu"))
-    assert calls == ["a", "b"] + ["a", "b"] * 3  # warm-ups, then interleaved repeats
+    t = time_interleaved(cases, repeats=3, warmup=2, device=torch.device("cpu"))
+    # Interleaved warm-up rounds, then interleaved repeats in alternating order.
+    assert calls == ["a", "b"] * 2 + ["a", "b", "b", "a", "a", "b"]
     assert set(t) == {"a", "b"} and all(v["repeats"] == 3 for v in t.values())
     table = format_table(["name", "ms"], [["a", 1.25], ["bbb", 10.0]])
     assert table.splitlines()[0].split() == ["name", "ms"] and "10.0" in table

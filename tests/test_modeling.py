@@ -479,3 +479,90 @@ def test_eval_block_with_only_the_gains_trainable_backpropagates():
     model(torch.randn(1, 3, 32, 32)).sum().backward()
     gains = [p.grad for n, p in model.named_parameters() if n.endswith("skip_gain")]
     assert gains and all(g is not None and torch.isfinite(g).all() for g in gains)
+
+
+def _workspace_modules(model):
+    from nfdet.modeling.layers import EvalWorkspace
+
+    return [m._workspace for m in model.modules() if isinstance(getattr(m, "_workspace", None),
+                                                                EvalWorkspace)]
+
+
+def test_eval_workspaces_reuse_buffers_without_changing_outputs():
+    """Without autograd, padded inputs and a block's act(x) go into reused buffers: outputs equal
+    the autograd path's across changing input sizes (odd and even: SAME padding differs), in
+    both layouts and under inference_mode, and the buffers are reused for a repeated size."""
+    model = _nano()
+    # 42 and 44 (and 21 and 22 after the stem) pad to the same shape with the zero border on
+    # different sides.
+    sizes = [(2, 3, 64, 48), (1, 3, 37, 45), (2, 3, 44, 44), (2, 3, 42, 42), (2, 3, 64, 48),
+             (3, 3, 33, 31), (2, 3, 44, 44)]
+    for memory_format in ("auto", "contiguous"):
+        model.trunk.memory_format = memory_format
+        model.eval()  # drop the caches and buffers of the other layout
+        for i, shape in enumerate(sizes):
+            x = torch.randn(*shape)
+            reference = model(x)  # autograd enabled: no workspace
+            assert not any(ws._buffers for ws in _workspace_modules(model)) or i > 0
+            context = torch.inference_mode() if i % 2 else torch.no_grad()
+            with context:
+                first = model(x)
+                buffers = {id(ws): {k: b[0].data_ptr() for k, b in ws._buffers.items()}
+                           for ws in _workspace_modules(model)}
+                second = model(x)
+            torch.testing.assert_close(first, reference.detach(), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(second, first, rtol=0, atol=0)
+            assert any(buffers.values()), "no module used its workspace"
+            # The same shape again: the same buffers, nothing reallocated.
+            assert buffers == {id(ws): {k: b[0].data_ptr() for k, b in ws._buffers.items()}
+                               for ws in _workspace_modules(model)}
+    model.train()
+    assert not any(ws._buffers for ws in _workspace_modules(model))
+
+
+def test_eval_workspaces_are_safe_across_threads():
+    """Two threads running one model at once get the outputs of serial runs (a workspace serves
+    one caller at a time; the other allocates)."""
+    import threading
+
+    model = _nano()
+    inputs = [torch.randn(2, 3, 40 + 2 * i, 36) for i in range(4)]
+    with torch.no_grad():
+        expected = [model(x) for x in inputs]
+    results, errors = {}, []
+
+    def worker(offset):
+        try:
+            with torch.no_grad():
+                for r in range(6):
+                    i = (r + offset) % len(inputs)
+                    results[(offset, r)] = (i, model(inputs[i]))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(results) == 12
+    for i, out in results.values():
+        torch.testing.assert_close(out, expected[i], rtol=1e-4, atol=1e-5)
+
+
+def test_eval_workspaces_start_empty_in_copies_and_pickles():
+    import copy
+    import pickle
+
+    model = _nano()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        want = model(x)
+    assert any(ws._buffers for ws in _workspace_modules(model))
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        workspaces = _workspace_modules(clone)
+        assert workspaces and not any(ws._buffers for ws in workspaces)
+        assert all(a is not b for a, b in zip(workspaces, _workspace_modules(model)))
+        with torch.no_grad():
+            torch.testing.assert_close(clone(x), want, rtol=1e-4, atol=1e-5)

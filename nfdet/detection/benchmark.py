@@ -69,7 +69,7 @@ def add_detection_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     parser.add_argument("opts", nargs=argparse.REMAINDER,
                         help="KEY VALUE overrides applied to every config")
-    add_common_arguments(parser, repeats=3)
+    add_common_arguments(parser, repeats=3, warmup=1)
 
 
 def synthetic_batch(batch_size: int, height: int, width: int, objects: int, num_classes: int,

@@ -3,7 +3,7 @@ torchvision's ResNet-50.
 
 One process builds the three models (timm's with random weights and non-zero skip gains,
 converted into nfdet's with ``convert_timm_state_dict``, so both compute the same function),
-checks that nfdet's and timm's logits agree, then times, interleaved, every combination of
+checks that nfdet's and timm's logits agree, then times every combination of
 
 - model: nfdet, timm, resnet50;
 - configuration: "default" (the model as built, NCHW input), "channels_last" (model and input
@@ -11,7 +11,8 @@ checks that nfdet's and timm's logits agree, then times, interleaved, every comb
 - mode: "eval" (``no_grad`` forward) and "train" (forward, cross-entropy, backward);
 - resolution: the variant's train and test sizes (``configs/pretrain/nfnet_<v>_imagenet.yaml``).
 
-A model's "best" is its fastest configuration. CUDA runs use bf16 autocast.
+The cases of one resolution and mode are timed together, interleaved (one size and mode after
+another). A model's "best" is its fastest configuration. CUDA runs use bf16 autocast.
 """
 
 from __future__ import annotations
@@ -188,8 +189,12 @@ def benchmark_backbone(args: argparse.Namespace) -> dict:
         x = torch.randn(args.batch_size, 3, size, size, generator=gen).to(device)
         labels = torch.randint(0, 1000, (args.batch_size,), generator=gen).to(device)
         x_cl = x.contiguous(memory_format=torch.channels_last)
-        cases, keys = {}, {}
+        cases, keys, timings = {}, {}, {}
         for mode in modes:
+            # A mode's cases are timed together, apart from the other mode's: a training step
+            # frees about a gigabyte, which changes how fast the eval calls after it get memory
+            # (an inference process does not interleave training steps).
+            mode_cases = {}
             for config in configs:
                 for name in built:
                     layout = "nchw" if config == "default" else "channels_last"
@@ -199,10 +204,12 @@ def benchmark_backbone(args: argparse.Namespace) -> dict:
                     compiled = (torch.compile(model, backend=args.compile_backend, dynamic=False)
                                 if config == "compile" else model)
                     label = f"{name} {config} {mode} {size}px"
-                    cases[label] = _case(model, compiled, mode, x if layout == "nchw" else x_cl,
-                                         labels, device)
+                    mode_cases[label] = _case(model, compiled, mode,
+                                              x if layout == "nchw" else x_cl, labels, device)
                     keys[label] = (name, config, mode, size)
-        timings = time_interleaved(cases, args.repeats, args.warmup, device, log=log)
+            timings.update(time_interleaved(mode_cases, args.repeats, args.warmup, device,
+                                            log=log))
+            cases.update(mode_cases)
         for label, (name, config, mode, _) in keys.items():
             t = timings[label]
             row = {

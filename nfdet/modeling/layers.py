@@ -4,6 +4,7 @@ activations, squeeze-excite and stochastic depth."""
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +12,7 @@ from torch import nn
 
 __all__ = [
     "ACTIVATION_GAMMA",
+    "EvalWorkspace",
     "activation_fn",
     "GammaAct",
     "ScaledStdConv2d",
@@ -78,6 +80,76 @@ class GammaAct(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.name}, gamma={self.gamma:.6f}"
+
+
+class EvalWorkspace:
+    """Scratch tensors a module reuses across forwards run without autograd.
+
+    On CPU every fresh activation-sized tensor costs page faults when the allocator hands back
+    memory it had returned to the system (measured: 3.5 ms to zero-fill one fresh 19 MB padded
+    input, 0.5 ms to copy into a reused one). A module keeps such tensors here between calls
+    instead: only under ``torch.no_grad()``/``inference_mode`` (nothing can save them for a
+    backward pass) and for one caller at a time (``try_acquire``; a concurrent caller of the same
+    module allocates as usual). A buffer is overwritten by the next call: a forward hook that
+    keeps a conv's *input* must clone it. Copies and pickles of a module start empty;
+    ``clear()`` frees the buffers (``ScaledStdConv2d`` and ``NFBlock`` do on
+    ``train()``/``eval()`` and device moves).
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._buffers: dict[str, tuple[torch.Tensor, object]] = {}
+
+    @staticmethod
+    def applies(x: torch.Tensor) -> bool:
+        """Whether a call on ``x`` may use scratch buffers: CPU, no autograd, not compiling."""
+        return (x.device.type == "cpu" and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling())
+
+    def try_acquire(self) -> bool:
+        return self._lock.acquire(blocking=False)
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def buffer(self, name: str, shape: tuple[int, ...], like: torch.Tensor,
+               zero: bool = False, tag: object = None) -> torch.Tensor:
+        """The buffer ``name`` of ``shape`` in ``like``'s dtype, device and layout (a new one,
+        zero-filled if ``zero``, when the last one differs in any of these or in ``tag``, which
+        says what else its contents depend on). Call only while acquired."""
+        layout = torch.channels_last if _is_channels_last(like) else torch.contiguous_format
+        buf, last_tag = self._buffers.get(name, (None, None))
+        if (buf is None or last_tag != tag or buf.shape != shape or buf.dtype != like.dtype
+                or buf.device != like.device or not buf.is_contiguous(memory_format=layout)):
+            # A normal tensor even under inference_mode, so that it can be written outside it.
+            with torch.inference_mode(False):
+                buf = torch.empty(shape, dtype=like.dtype, device=like.device,
+                                  memory_format=layout)
+                if zero:
+                    buf.zero_()
+            self._buffers[name] = (buf, tag)
+        return buf
+
+    def clear(self) -> None:
+        self._buffers = {}
+
+    def __reduce__(self):
+        return (EvalWorkspace, ())
+
+    def __deepcopy__(self, memo):
+        return EvalWorkspace()
+
+
+def activation_into(name: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``activation_fn(name)(x)`` written into ``out``."""
+    if name in ("gelu", "gelu_tanh"):
+        return torch.ops.aten.gelu.out(
+            x, approximate="tanh" if name == "gelu_tanh" else "none", out=out)
+    if name == "silu":
+        return torch.ops.aten.silu.out(x, out=out)
+    if name == "relu":
+        return torch.clamp_min(x, 0.0, out=out)
+    raise ValueError(f"Unknown activation {name!r}; valid: {', '.join(ACTIVATION_GAMMA)}")
 
 
 def _is_channels_last(t: torch.Tensor) -> bool:
@@ -233,6 +305,7 @@ class ScaledStdConv2d(nn.Conv2d):
         # depends on the input size and is computed per call.
         self._static_pad = (k - 1) // 2 if (self.stride[0] == 1 and k % 2 == 1) else None
         self._cache: list | None = None
+        self._workspace = EvalWorkspace()  # the padded input of a SAME-padded conv, in eval
         if k > 1:
             # kxk weights live in channels_last, the layout the convolutions compute in on CPU:
             # standardizing them in that order needs no copy, and their gradients come back in
@@ -321,9 +394,10 @@ class ScaledStdConv2d(nn.Conv2d):
 
     def clear_cache(self) -> None:
         self._cache = None
+        self._workspace.clear()
 
     def train(self, mode: bool = True):
-        self._cache = None
+        self.clear_cache()
         return super().train(mode)
 
     def _load_from_state_dict(self, *args, **kwargs):
@@ -331,18 +405,34 @@ class ScaledStdConv2d(nn.Conv2d):
         return super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, fn, *args, **kwargs):
-        self._cache = None
+        self.clear_cache()
         return super()._apply(fn, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._static_pad is None:
             ph = same_padding(x.shape[-2], self.kernel_size[0], self.stride[0])
             pw = same_padding(x.shape[-1], self.kernel_size[1], self.stride[1])
+            if (any(ph) or any(pw)) and x.dim() == 4 and EvalWorkspace.applies(x):
+                workspace = self._workspace
+                if workspace.try_acquire():
+                    try:
+                        # The zero border of a reused padded buffer stays: only the interior
+                        # is ever written (its place is the tag: an odd and an even size can
+                        # pad to the same shape).
+                        n, c, h, w = x.shape
+                        padded = workspace.buffer(
+                            "padded", (n, c, h + sum(ph), w + sum(pw)), x, zero=True,
+                            tag=(ph, pw))
+                        padded[:, :, ph[0]:ph[0] + h, pw[0]:pw[0] + w].copy_(x)
+                        return self._conv(padded, 0)
+                    finally:
+                        workspace.release()
             if any(ph) or any(pw):
                 x = F.pad(x, (pw[0], pw[1], ph[0], ph[1]))
-            padding = 0
-        else:
-            padding = self._static_pad
+            return self._conv(x, 0)
+        return self._conv(x, self._static_pad)
+
+    def _conv(self, x: torch.Tensor, padding: int) -> torch.Tensor:
         cache = self._cached()
         if cache is not None:
             out = self._packed_forward(x, padding, cache)

@@ -16,11 +16,13 @@ from torch import nn
 
 from .layers import (
     ACTIVATION_GAMMA,
+    EvalWorkspace,
     GammaAct,
     ScaledStdConv2d,
     SqueezeExcite,
     StochasticDepth,
     activation_fn,
+    activation_into,
     spatial_mean,
 )
 from .variants import NFNetSpec, get_variant
@@ -106,14 +108,37 @@ class NFBlock(nn.Module):
         # conv1, conv2 and conv2b apply the activation themselves (fused in eval on CPU).
         for conv in (self.conv1, self.conv2, self.conv2b):
             conv.activation = activation
+        # Without autograd on CPU, act(x) goes into a reused buffer (see EvalWorkspace).
+        self._workspace = EvalWorkspace()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self._act(x)  # its gamma and beta live in the convs' input_gain
+    def _entry(self, x: torch.Tensor, act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The shortcut and conv1's output, both from ``act = act(x)``."""
         shortcut = x
         if self.shortcut is not None:
             # Average-pool downsampling (SAME: count only valid inputs), then a 1x1 projection.
-            shortcut = self.shortcut(self.pool(out) if self.pool is not None else out)
-        out = self.conv3(self.conv2b(self.conv2(self.conv1(out))))
+            shortcut = self.shortcut(self.pool(act) if self.pool is not None else act)
+        return shortcut, self.conv1(act)
+
+    def train(self, mode: bool = True):
+        self._workspace.clear()
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._workspace.clear()
+        return super()._apply(fn, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # act(x): its gamma and beta live in the convs' input_gain.
+        workspace = self._workspace
+        if x.dim() == 4 and EvalWorkspace.applies(x) and workspace.try_acquire():
+            try:
+                act = activation_into(self.activation, x, workspace.buffer("act", x.shape, x))
+                shortcut, out = self._entry(x, act)
+            finally:
+                workspace.release()
+        else:
+            shortcut, out = self._entry(x, self._act(x))
+        out = self.conv3(self.conv2b(self.conv2(out)))
         # The x2 restores the variance halved by a sigmoid gate of ~0.5 at init. The gate is
         # (batch, channels, 1, 1): scaling it is free, and stochastic depth drops a sample's
         # branch by zeroing its gate.
