@@ -135,3 +135,27 @@ def test_agreement_check_refuses_different_models():
     with pytest.raises(SystemExit, match="differ"):
         check_agreement(a, b, 32, torch.device("cpu"), 1e-3)
     assert check_agreement(a, a, 32, torch.device("cpu"), 1e-3) == 0.0
+
+
+def test_agc_reference_loop_matches_clip_grad_agc():
+    """The benchmark's per-tensor loop clips exactly as ``clip_grad_agc_`` (channels_last 3x3
+    weights, 1-d and 0-d parameters included), so the two time the same work."""
+    import copy
+
+    from nfdet.solver import clip_grad_agc_
+    from nfdet.solver.benchmark import agc_loop_
+
+    torch.manual_seed(0)
+    model = build_nfnet("nano", num_classes=10)
+    model.train()
+    model(torch.randn(2, 3, 32, 32)).logsumexp(dim=1).sum().backward()
+    for p in model.parameters():
+        p.grad.mul_(50.0)  # make some units clip
+    other = copy.deepcopy(model)
+    for a, b in zip(model.parameters(), other.parameters()):
+        b.grad = a.grad.clone()
+    clipped = clip_grad_agc_(list(model.parameters()), clipping=0.01)
+    agc_loop_(list(other.parameters()), clipping=0.01)
+    assert 0.0 < clipped.item() < 1.0
+    for (name, a), b in zip(model.named_parameters(), other.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=lambda m, name=name: f"{name}: {m}")

@@ -274,7 +274,12 @@ class ScaledStdConv2d(nn.Conv2d):
     Eval on CPU (fp32, channels_last input, as the trunk computes by default): besides the
     standardized weight, the cache keeps it reordered into oneDNN's blocked layout for the last
     input shape, and the convolution runs through oneDNN's fused conv+activation op (what
-    ``torch.compile``'s freezing uses); any other setting takes ``F.conv2d``.
+    ``torch.compile``'s freezing uses); any other setting takes ``F.conv2d``. Without autograd
+    on CPU the zero-padded input of a SAME-padded conv goes into a buffer kept between calls
+    (see ``EvalWorkspace``).
+
+    kxk weights are stored channels_last (the layout the trunk computes in on CPU): a
+    ``state_dict`` holds them so, and loading copies values whatever the source's layout.
 
     Args:
         in_channels, out_channels, kernel_size, stride, groups, bias: as ``nn.Conv2d``.
@@ -381,15 +386,16 @@ class ScaledStdConv2d(nn.Conv2d):
         pad, stride, dilation = [padding] * 2, list(self.stride), list(self.dilation)
         # oneDNN picks the blocked layout for the input shape (for 1x1 convs a weight packed
         # for another shape ran 3x slower): the packed weight serves one shape, the last one.
-        if cache[4] is None or cache[4][0] != x.shape:
+        entry = cache[4]  # read once: another thread may replace it meanwhile
+        if entry is None or entry[0] != x.shape:
             with torch.inference_mode(False), torch.no_grad():
                 packed = torch.ops.mkldnn._reorder_convolution_weight(
                     cache[3], pad, stride, dilation, self.groups, list(x.shape)
                 )
-            cache[4] = (x.shape, packed)
+            entry = cache[4] = (x.shape, packed)
         attr, algorithm = _FUSED_ACTIVATION.get(self.activation, ("none", ""))
         return torch.ops.mkldnn._convolution_pointwise(
-            x, cache[4][1], self.bias, pad, stride, dilation, self.groups, attr, [], algorithm
+            x, entry[1], self.bias, pad, stride, dilation, self.groups, attr, [], algorithm
         )
 
     def clear_cache(self) -> None:

@@ -46,7 +46,9 @@ class NFBlock(nn.Module):
     the following convolutions (``ScaledStdConv2d.input_gain``), and ``2 * skip_gain * alpha``
     and stochastic depth into the squeeze-excite gate, which is applied together with the
     residual addition (one ``addcmul``). Without autograd that addition is written into
-    conv3's output buffer (a forward hook on ``conv3`` that keeps the output sees it change).
+    conv3's output buffer (a forward hook on ``conv3`` that keeps the output sees it change), and
+    on CPU ``act(x)`` goes into a buffer the block reuses between calls (``EvalWorkspace``: a
+    hook on ``conv1`` that keeps its input must clone it).
 
     Args:
         in_channels (int): input channels.

@@ -35,12 +35,12 @@ def agc_loop_(parameters: Iterable[torch.Tensor], clipping: float = 0.01, eps: f
     for p in parameters:
         if p.grad is None:
             continue
-        g = p.grad.reshape(p.shape[0], -1) if p.dim() >= 2 else p.grad.reshape(1, -1)
-        w = p.detach().reshape(g.shape)
-        max_norm = torch.linalg.vector_norm(w, dim=1, keepdim=True).clamp_min(eps) * clipping
-        grad_norm = torch.linalg.vector_norm(g, dim=1, keepdim=True)
-        scale = torch.where(grad_norm > max_norm, max_norm / grad_norm.clamp_min(1e-6), 1.0)
-        p.grad.mul_(scale.view((-1,) + (1,) * (p.dim() - 1)) if p.dim() >= 2 else scale.view(()))
+        # Unit norms over every dim but the first (any memory layout, no copies).
+        dims = tuple(range(1, p.dim())) if p.dim() >= 2 else None
+        max_norm = torch.linalg.vector_norm(p.detach(), dim=dims, keepdim=True)
+        max_norm = max_norm.clamp_min(eps) * clipping
+        grad_norm = torch.linalg.vector_norm(p.grad, dim=dims, keepdim=True)
+        p.grad.mul_(torch.where(grad_norm > max_norm, max_norm / grad_norm.clamp_min(1e-6), 1.0))
 
 
 def add_agc_arguments(parser: argparse.ArgumentParser) -> None:
