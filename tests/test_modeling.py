@@ -566,3 +566,36 @@ def test_eval_workspaces_start_empty_in_copies_and_pickles():
         assert all(a is not b for a, b in zip(workspaces, _workspace_modules(model)))
         with torch.no_grad():
             torch.testing.assert_close(clone(x), want, rtol=1e-4, atol=1e-5)
+
+
+def test_modules_pickled_without_workspaces_still_run():
+    """Whole models pickled by nfdet versions before eval workspaces load and run."""
+    import pickle
+
+    model = _nano()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        want = model(x)
+    for m in model.modules():
+        m.__dict__.pop("_workspace", None)  # what an older pickle holds
+    loaded = pickle.loads(pickle.dumps(model))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), want, rtol=1e-4, atol=1e-5)
+    loaded.train()
+    loaded(x).sum().backward()
+
+
+def test_eval_cache_follows_an_nchw_input_once():
+    """A contiguous (NCHW) trunk in eval: the cached kxk weights switch to NCHW on the first
+    call instead of being copied on every call."""
+    model = _nano()
+    model.trunk.memory_format = "contiguous"
+    x = torch.randn(2, 3, 64, 64)  # no 1x1 map (which would count as channels_last too)
+    with torch.no_grad():
+        model(x)
+        convs = [m for m in model.modules()
+                 if isinstance(m, ScaledStdConv2d) and m.kernel_size != (1, 1)]
+        cached = [m._cache[3] for m in convs]
+        assert all(w.is_contiguous() for w in cached)
+        model(x)
+    assert all(m._cache[3] is w for m, w in zip(convs, cached))

@@ -446,10 +446,11 @@ class ScaledStdConv2d(nn.Conv2d):
                 return out
             weight = cache[3]
             if self.kernel_size != (1, 1) and _is_channels_last(weight) != _is_channels_last(x):
-                # The cache keeps the weight's own layout (channels_last); an input in the other
-                # layout gets a copy in its own, as convolutions follow their weight's layout too.
-                weight = weight.contiguous(memory_format=torch.channels_last
-                                           if _is_channels_last(x) else torch.contiguous_format)
+                # Convolutions follow their weight's layout too: the cache switches to the
+                # input's layout (once, not per call).
+                weight = cache[3] = weight.contiguous(
+                    memory_format=torch.channels_last if _is_channels_last(x)
+                    else torch.contiguous_format)
         else:
             weight = self.standardized_weight(_is_channels_last(x))
         out = F.conv2d(x, weight, self.bias, self.stride, padding, self.dilation, self.groups)
@@ -466,6 +467,11 @@ class ScaledStdConv2d(nn.Conv2d):
         state = dict(state)
         state["_cache"] = None
         return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        # Modules pickled by nfdet versions without eval workspaces.
+        self.__dict__.setdefault("_workspace", EvalWorkspace())
 
 
 def spatial_mean(x: torch.Tensor) -> torch.Tensor:

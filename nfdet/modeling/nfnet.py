@@ -125,6 +125,11 @@ class NFBlock(nn.Module):
         self._workspace.clear()
         return super().train(mode)
 
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        # Modules pickled by nfdet versions without eval workspaces.
+        self.__dict__.setdefault("_workspace", EvalWorkspace())
+
     def _apply(self, fn, *args, **kwargs):
         self._workspace.clear()
         return super()._apply(fn, *args, **kwargs)
