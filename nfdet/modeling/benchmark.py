@@ -219,10 +219,8 @@ def benchmark_backbone(args: argparse.Namespace) -> dict:
                 "warmup_s": t["warmup_s"], "images_per_s": args.batch_size / t["median_s"],
             }
             if not args.no_memory:
-                model = copy_for(name, "nchw" if config == "default" else "channels_last", mode,
-                                 size)
-                reset = (lambda m=model: m.zero_grad(set_to_none=True)) if mode == "train" else None
-                row["peak_memory_mb"] = peak_memory_bytes(cases[label], device, reset) / 2**20
+                # A training case ends with its gradients freed, so its peak counts its own.
+                row["peak_memory_mb"] = peak_memory_bytes(cases[label], device) / 2**20
             rows.append(row)
         for key in [k for k in copies if k[2] == "eval" and k[3] == size]:
             del copies[key]
