@@ -376,6 +376,9 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str, init_path: 
             {"params": model.state_dict(), "fractions": fractions},
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
+        # Both ranks done before either tears down (rank 0 hosts the store): a rank exiting
+        # while the other still talks to it aborted a worker once in a full suite run.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
