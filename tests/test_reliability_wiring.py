@@ -145,7 +145,7 @@ def test_demo_reads_with_nfdet_reader_and_names_a_bad_image(tmp_path, monkeypatc
 
 def test_checkpoint_helpers_exported():
     import nfdet.checkpoint as checkpoint
-    from nfdet.checkpoint import convert
+    from nfdet.checkpoint import io
 
     for name in ("load_torch_checkpoint", "atomic_write", "write_text_atomic"):
-        assert getattr(checkpoint, name) is getattr(convert, name) and name in checkpoint.__all__
+        assert getattr(checkpoint, name) is getattr(io, name) and name in checkpoint.__all__
