@@ -24,12 +24,12 @@ from nfdet.data.validate import DatasetError, ImageReadError, read_image_rgb
 from nfdet.detection.config import get_nfdet_cfg
 from nfdet.detection.data import (
     NFNetDatasetMapper,
-    build_train_loader,
     check_dataset_names,
     load_checked_coco_instances,
     register_checked_coco,
 )
 from nfdet.detection.engine import register_coco_datasets, setup_cfg, train_argument_parser
+from nfdet.detection.loader import build_train_loader
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = "quick/nfnet_nano_mask_rcnn_instant.yaml"

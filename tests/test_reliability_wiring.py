@@ -19,7 +19,8 @@ from nfdet.classification import launch_from_args, pretrain_argument_parser
 from nfdet.config import merge_config, resolve_config_file
 from nfdet.data.validate import DatasetError, ImageReadError
 from nfdet.detection import NFNetTrainer, get_nfdet_cfg
-from nfdet.detection.data import ResumableTrainLoader, register_checked_coco
+from nfdet.detection.data import register_checked_coco
+from nfdet.detection.loader import ResumableTrainLoader
 from nfdet.detection.predictor import NFNetPredictor, demo_main
 
 REPO = Path(__file__).resolve().parents[1]

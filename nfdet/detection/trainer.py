@@ -17,7 +17,7 @@ on the history of the process:
 The run seed is ``SEED`` when set (>= 0), otherwise drawn once and stored in every checkpoint, so
 that a resumed run uses the seed of the run it continues. The loader (``ResumableTrainLoader``,
 ``build_resumable_train_loader``, ``derive_seed``; re-exported here) lives in
-``nfdet.detection.data``, next to the dataset checks and the mapper it uses.
+``nfdet.detection.loader``; the dataset checks and the mapper it uses in ``nfdet.detection.data``.
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter
 
 from ..solver import build_optimizer, get_agc_stats
-from . import data as nfdet_data
+from . import loader as nfdet_loader
 from .checkpoint import NFNetCheckpointer
-from .data import _MODEL_STREAM, ResumableTrainLoader, build_resumable_train_loader, derive_seed
+from .loader import MODEL_STREAM, ResumableTrainLoader, build_resumable_train_loader, derive_seed
 
 __all__ = [
     "NFNetTrainer",
@@ -74,7 +74,7 @@ class _SeedStepHook(HookBase):
     """Before every step, seed the global RNGs from (run seed, iteration, rank)."""
 
     def before_step(self) -> None:
-        seed_all(derive_seed(self.trainer.seed, _MODEL_STREAM, self.trainer.iter,
+        seed_all(derive_seed(self.trainer.seed, MODEL_STREAM, self.trainer.iter,
                              comm.get_rank()))
 
 
@@ -129,19 +129,19 @@ class NFNetTrainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        """``nfdet.detection.data.build_train_loader``: the checked ``DATASETS.TRAIN``
+        """``nfdet.detection.loader.build_train_loader``: the checked ``DATASETS.TRAIN``
         (``load_train_dataset``) in a ``ResumableTrainLoader`` with ``NFNetDatasetMapper``.
 
         Raises:
             DatasetError: nothing to train on, or masks ``MODEL.MASK_ON`` cannot train on.
         """
-        return nfdet_data.build_train_loader(cfg)
+        return nfdet_loader.build_train_loader(cfg)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name: str):
         """detectron2's test loader with ``NFNetDatasetMapper``: any image mode read as RGB; an
         unreadable image stops the evaluation with ``ImageReadError`` naming the file."""
-        return nfdet_data.build_test_loader(cfg, dataset_name)
+        return nfdet_loader.build_test_loader(cfg, dataset_name)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name: str, output_folder: str | None = None
