@@ -25,17 +25,15 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import random
 import weakref
 from typing import Any
 
-import numpy as np
-import torch
 from detectron2.engine import DefaultTrainer, HookBase, hooks
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator
 from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter
 
+from ..seed import seed_all
 from ..solver import build_optimizer, get_agc_stats
 from . import loader as nfdet_loader
 from .checkpoint import NFNetCheckpointer
@@ -50,13 +48,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-def seed_all(seed: int) -> None:
-    """Seed Python's, numpy's and torch's (CPU and every GPU) global RNGs."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 class AGCStatsHook(HookBase):
