@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from nfdet.checkpoint import save_checkpoint
-from nfdet.detection.engine import (
+from nfdet.detection.cli import (
     CONFIGS_DIR,
     register_coco_datasets,
     resolve_config_file,

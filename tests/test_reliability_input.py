@@ -21,6 +21,7 @@ from PIL import Image
 from nfdet.classification.config import load_pretrain_cfg
 from nfdet.config import ConfigError, merge_config, resolve_config_file
 from nfdet.data.validate import DatasetError, ImageReadError, read_image_rgb
+from nfdet.detection.cli import register_coco_datasets, setup_cfg, train_argument_parser
 from nfdet.detection.config import get_nfdet_cfg
 from nfdet.detection.data import (
     NFNetDatasetMapper,
@@ -28,7 +29,6 @@ from nfdet.detection.data import (
     load_checked_coco_instances,
     register_checked_coco,
 )
-from nfdet.detection.engine import register_coco_datasets, setup_cfg, train_argument_parser
 from nfdet.detection.loader import build_train_loader
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,11 +10,11 @@
 
 detectron2's standard options (--num-gpus, --num-machines, --machine-rank, --dist-url, trailing
 KEY VALUE opts) plus --config (alias of --config-file; a bare name is looked up in configs/) and
---register-coco NAME JSON IMAGE_DIR (repeatable). The logic lives in nfdet.detection.engine.
+--register-coco NAME JSON IMAGE_DIR (repeatable). The logic lives in nfdet.detection.cli.
 """
 
 from nfdet.detection import NFNetTrainer
-from nfdet.detection.engine import launch_train, train_main
+from nfdet.detection.cli import launch_train, train_main
 
 
 def main(args):

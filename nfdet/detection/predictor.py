@@ -26,7 +26,7 @@ from ..checkpoint import CheckpointFormatError
 from ..config import ConfigError
 from ..data.validate import DatasetError, ImageReadError, read_image_rgb
 from .checkpoint import NFNetCheckpointer
-from .engine import add_nfdet_arguments, register_coco_datasets, setup_cfg
+from .cli import add_nfdet_arguments, register_coco_datasets, setup_cfg
 
 __all__ = [
     "NFNetPredictor",
