@@ -10,12 +10,9 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
+from nfdet.data.validate import polygon_area
+
 TINY_COCO_CATEGORIES = ({"id": 1, "name": "rectangle"}, {"id": 2, "name": "circle"})
-
-
-def _polygon_area(xy: list[float]) -> float:
-    xs, ys = xy[0::2], xy[1::2]
-    return abs(sum(xs[i] * ys[i - 1] - xs[i - 1] * ys[i] for i in range(len(xs)))) / 2.0
 
 
 def write_tiny_coco(root: Path, num_images: int = 4, seed: int = 0) -> tuple[Path, Path]:
@@ -53,7 +50,7 @@ def write_tiny_coco(root: Path, num_images: int = 4, seed: int = 0) -> tuple[Pat
                     "image_id": image_id,
                     "category_id": category,
                     "segmentation": [xy],
-                    "area": _polygon_area(xy),
+                    "area": polygon_area(xy),
                     "bbox": [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)],
                     "iscrowd": 0,
                 }

@@ -33,6 +33,7 @@ __all__ = [
     "to_rgb_uint8",
     "read_image_rgb",
     "load_json_file",
+    "polygon_area",
     "CocoCheckReport",
     "check_coco_dict",
     "load_checked_coco",
@@ -235,7 +236,12 @@ def _list_field(data: dict, key: str, json_file: str, required: bool = True) -> 
     return value
 
 
-def _polygon_area(xy: list[float]) -> float:
+def polygon_area(xy: list[float]) -> float:
+    """The area of a polygon given as ``[x0, y0, x1, y1, ...]`` (shoelace formula).
+
+    Args:
+        xy (list[float]): the vertices' coordinates, in order.
+    """
     xs, ys = np.asarray(xy[0::2]), np.asarray(xy[1::2])
     return float(abs(np.dot(xs, np.roll(ys, 1)) - np.dot(ys, np.roll(xs, 1))) / 2.0)
 
@@ -308,7 +314,7 @@ def _clip_polygons(segm: list, where: str, width: int, height: int
         xy[0::2] = [min(max(x, 0.0), width) for x in xy[0::2]]
         xy[1::2] = [min(max(y, 0.0), height) for y in xy[1::2]]
         clipped = clipped or xy != [float(v) for v in poly]
-        if _polygon_area(xy) <= 0.0:
+        if polygon_area(xy) <= 0.0:
             removed.append("degenerate polygons (zero area inside the image)")
             continue
         kept.append(xy)
@@ -382,77 +388,10 @@ def check_coco_dict(data: Any, json_file: str, image_root: str | None = None,
     seen_ids: set = set()
     kept = []
     for index, ann in enumerate(annotations):
-        where = f"{json_file}: annotations[{index}]"
-        _require(isinstance(ann, dict), where, f"must be an object, got {type(ann).__name__}")
-        _require(_is_int(ann.get("id")), where,
-                 f"needs an integer 'id', got {ann.get('id')!r}")
-        ann_id = ann["id"]
-        where = f"{json_file}: annotation id {ann_id}"
-        _require(ann_id not in seen_ids, where, "appears twice in 'annotations'")
-        seen_ids.add(ann_id)
-        for key in ("image_id", "category_id", "bbox"):
-            _require(key in ann, where, f"has no {key!r}")
-        image = images.get(ann["image_id"]) if _is_int(ann["image_id"]) else None
-        _require(image is not None, where,
-                 f"image_id {ann['image_id']!r} is not an id in 'images'")
-        where += f" (image {image['file_name']!r})"
-        category = ann["category_id"]
-        _require(_is_int(category) and category in categories, where,
-                 f"category_id {category!r} is not an id in 'categories' "
-                 f"(ids: {', '.join(map(str, sorted(categories)))})")
-        bbox = ann["bbox"]
-        _require(isinstance(bbox, list) and len(bbox) == 4 and all(map(_is_number, bbox)),
-                 where, f"'bbox' must be 4 numbers [x, y, width, height], got {bbox!r}")
-        iscrowd = ann.get("iscrowd", 0)
-        _require(iscrowd in (0, 1) and not isinstance(iscrowd, float), where,
-                 f"'iscrowd' must be 0 or 1, got {iscrowd!r}")
-        width, height = image["width"], image["height"]
-
-        if not all(map(_finite, bbox)):
-            report._note(report.dropped, "boxes with non-finite numbers", ann_id)
-            continue
-        x, y, w, h = (float(v) for v in bbox)
-        if w <= 0 or h <= 0:
-            reason = "boxes with negative size" if w < 0 or h < 0 else "boxes of zero area"
-            report._note(report.dropped, reason, ann_id)
-            continue
-        x0, y0 = min(max(x, 0.0), width), min(max(y, 0.0), height)
-        x1, y1 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
-        if x1 - x0 <= 0 or y1 - y0 <= 0:
-            report._note(report.dropped, "boxes outside the image", ann_id)
-            continue
-        clipped = (x0, y0, x1, y1) != (x, y, x + w, y + h)
-
-        clean = dict(ann)
-        clean["bbox"] = [x0, y0, x1 - x0, y1 - y0]
-        clean["iscrowd"] = iscrowd
-        segm = ann.get("segmentation")
-        if segm:
-            if isinstance(segm, list):
-                polygons, poly_clipped, removed = _clip_polygons(segm, where, width, height)
-                if not polygons:
-                    report._note(report.dropped, "annotations without a valid polygon "
-                                 f"({removed[0]})", ann_id)
-                    continue
-                for reason in removed:
-                    report._note(report.dropped_polygons, reason, ann_id)
-                clean["segmentation"] = polygons
-                clipped = clipped or poly_clipped
-            else:
-                _require(isinstance(segm, dict), where,
-                         "'segmentation' must be a list of polygons or an RLE object")
-                reason = _check_rle(segm, where, width, height)
-                if reason:
-                    report._note(report.dropped, reason, ann_id)
-                    continue
-        elif any_mask:
-            report._note(report.dropped, "annotations without a mask in a file with masks",
-                         ann_id)
-            continue
-        else:
-            clean.pop("segmentation", None)
-        report.clipped += clipped
-        kept.append(clean)
+        where, image = _check_annotation(ann, index, json_file, images, categories, seen_ids)
+        clean = _clean_annotation(ann, where, image, any_mask, report)
+        if clean is not None:
+            kept.append(clean)
     with_annotations = {a["image_id"] for a in kept}
     report.empty_images = sum(1 for i in images if i not in with_annotations)
     cleaned = {
@@ -461,6 +400,106 @@ def check_coco_dict(data: Any, json_file: str, image_root: str | None = None,
         "categories": list(categories.values()),
     }
     return cleaned, report
+
+
+def _check_annotation(ann: Any, index: int, json_file: str, images: dict[Any, dict],
+                      categories: dict[Any, dict], seen_ids: set) -> tuple[str, dict]:
+    """The structural checks of ``annotations[index]`` (``DatasetError`` on failure); records
+    its id in ``seen_ids``.
+
+    Returns:
+        (where, image): how messages name the annotation, and its image.
+    """
+    where = f"{json_file}: annotations[{index}]"
+    _require(isinstance(ann, dict), where, f"must be an object, got {type(ann).__name__}")
+    _require(_is_int(ann.get("id")), where,
+             f"needs an integer 'id', got {ann.get('id')!r}")
+    ann_id = ann["id"]
+    where = f"{json_file}: annotation id {ann_id}"
+    _require(ann_id not in seen_ids, where, "appears twice in 'annotations'")
+    seen_ids.add(ann_id)
+    for key in ("image_id", "category_id", "bbox"):
+        _require(key in ann, where, f"has no {key!r}")
+    image = images.get(ann["image_id"]) if _is_int(ann["image_id"]) else None
+    _require(image is not None, where,
+             f"image_id {ann['image_id']!r} is not an id in 'images'")
+    where += f" (image {image['file_name']!r})"
+    category = ann["category_id"]
+    _require(_is_int(category) and category in categories, where,
+             f"category_id {category!r} is not an id in 'categories' "
+             f"(ids: {', '.join(map(str, sorted(categories)))})")
+    bbox = ann["bbox"]
+    _require(isinstance(bbox, list) and len(bbox) == 4 and all(map(_is_number, bbox)),
+             where, f"'bbox' must be 4 numbers [x, y, width, height], got {bbox!r}")
+    iscrowd = ann.get("iscrowd", 0)
+    _require(iscrowd in (0, 1) and not isinstance(iscrowd, float), where,
+             f"'iscrowd' must be 0 or 1, got {iscrowd!r}")
+    return where, image
+
+
+def _clean_annotation(ann: dict, where: str, image: dict, any_mask: bool,
+                      report: CocoCheckReport) -> dict | None:
+    """A structurally valid annotation with its box and polygons clipped to the image, or None
+    when it cannot be trained on (the reason noted in ``report.dropped``)."""
+    width, height = image["width"], image["height"]
+    box, box_clipped, reason = _clip_box(ann["bbox"], width, height)
+    if reason is not None:
+        report._note(report.dropped, reason, ann["id"])
+        return None
+    clean = dict(ann)
+    clean["bbox"] = box
+    clean["iscrowd"] = ann.get("iscrowd", 0)
+    reason, mask_clipped = _clean_mask(clean, where, width, height, any_mask, report)
+    if reason is not None:
+        report._note(report.dropped, reason, ann["id"])
+        return None
+    report.clipped += box_clipped or mask_clipped
+    return clean
+
+
+def _clip_box(bbox: list, width: int, height: int
+              ) -> tuple[list[float] | None, bool, str | None]:
+    """An xywh box clipped to the image: (box, whether it was clipped, None), or (None, False,
+    the reason to drop it)."""
+    if not all(map(_finite, bbox)):
+        return None, False, "boxes with non-finite numbers"
+    x, y, w, h = (float(v) for v in bbox)
+    if w <= 0 or h <= 0:
+        return None, False, ("boxes with negative size" if w < 0 or h < 0 else
+                             "boxes of zero area")
+    x0, y0 = min(max(x, 0.0), width), min(max(y, 0.0), height)
+    x1, y1 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
+    if x1 - x0 <= 0 or y1 - y0 <= 0:
+        return None, False, "boxes outside the image"
+    return [x0, y0, x1 - x0, y1 - y0], (x0, y0, x1, y1) != (x, y, x + w, y + h), None
+
+
+def _clean_mask(clean: dict, where: str, width: int, height: int, any_mask: bool,
+                report: CocoCheckReport) -> tuple[str | None, bool]:
+    """Check ``clean["segmentation"]`` and clip its polygons to the image, in place; polygons
+    removed from a kept annotation are noted in ``report.dropped_polygons``.
+
+    Returns:
+        (reason, clipped): the reason to drop the annotation (None to keep it), and whether a
+        polygon was clipped.
+    """
+    segm = clean.get("segmentation")
+    if not segm:
+        if any_mask:
+            return "annotations without a mask in a file with masks", False
+        clean.pop("segmentation", None)
+        return None, False
+    if isinstance(segm, list):
+        polygons, clipped, removed = _clip_polygons(segm, where, width, height)
+        if not polygons:
+            return f"annotations without a valid polygon ({removed[0]})", False
+        for reason in removed:
+            report._note(report.dropped_polygons, reason, clean["id"])
+        clean["segmentation"] = polygons
+        return None, clipped
+    _require(isinstance(segm, dict), where,
+             "'segmentation' must be a list of polygons or an RLE object")
+    return _check_rle(segm, where, width, height), False
 
 
 def load_checked_coco(json_file: str, image_root: str | None = None,
