@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = ["run_pipeline", "read_coco_ap", "DEMO_CONFIGS"]
@@ -94,75 +95,134 @@ def run_pipeline(
         num_vis (int): how many held-out images to draw predictions on.
         python (str): the interpreter that runs the tools.
     """
-    out = Path(out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    logs = out / "logs"
-    logs.mkdir(exist_ok=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    layout = _Layout(Path(out_dir).resolve())
+    layout.logs.mkdir(parents=True, exist_ok=True)
+    tools = _Tools(python, layout.logs, dict(os.environ, PYTHONUNBUFFERED="1"))
     start = time.perf_counter()
-    timings: dict[str, float] = {}
+    tools.run("data", "data", "tools/make_demo_data.py", str(layout.data), *data_args)
+    _pretrain(tools, layout, pretrain_opts)
+    ap = _train_detector(tools, layout, detect_opts)
+    _draw_predictions(tools, layout, num_vis, detect_opts)
+    summary = _summary(ap, time.perf_counter() - start, tools.timings, layout)
+    with open(layout.out / "summary.json", "w") as f:
+        json.dump(summary, f, indent=2)
+    _print_summary(summary, layout.out)
+    return summary
 
-    data = out / "data"
-    timings["data"] = _run(
-        "data", [python, "tools/make_demo_data.py", str(data), *data_args], logs / "data.log", env
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where the demo's steps write, under ``out``."""
+
+    out: Path
+
+    @property
+    def logs(self) -> Path:
+        return self.out / "logs"
+
+    @property
+    def data(self) -> Path:
+        return self.out / "data"
+
+    @property
+    def coco(self) -> Path:
+        return self.data / "coco"
+
+    @property
+    def pretrain(self) -> Path:
+        return self.out / "pretrain"
+
+    @property
+    def backbone(self) -> Path:
+        return self.pretrain / "backbone_final.pth"
+
+    @property
+    def detect(self) -> Path:
+        return self.out / "detect"
+
+    @property
+    def detector(self) -> Path:
+        return self.detect / "model_final.pth"
+
+    @property
+    def predictions(self) -> Path:
+        return self.out / "predictions"
+
+    def register_args(self) -> list[str]:
+        """``--register-coco`` for the generated train and held-out splits."""
+        return [
+            "--register-coco", TRAIN_NAME, str(self.coco / "train.json"), str(self.coco / "train"),
+            "--register-coco", VAL_NAME, str(self.coco / "val.json"), str(self.coco / "val"),
+        ]
+
+
+@dataclass
+class _Tools:
+    """Runs the command-line tools with one interpreter and environment, a log file per step in
+    ``logs``, and keeps each step's wall time."""
+
+    python: str
+    logs: Path
+    env: dict[str, str]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def run(self, step: str, title: str, script: str, *args: str) -> None:
+        self.timings[step] = _run(title, [self.python, script, *args], self.logs / f"{step}.log",
+                                  self.env)
+
+
+def _pretrain(tools: _Tools, layout: _Layout, opts: Sequence[str]) -> None:
+    """Pretrain the ``nano`` NFNet on the generated classification folder."""
+    tools.run(
+        "pretrain", "pretrain", "tools/pretrain_net.py",
+        "--config-file", str(DEMO_CONFIGS["pretrain"]),
+        "DATA.ROOT", str(layout.data / "classification"), "OUTPUT_DIR", str(layout.pretrain),
+        *opts,
     )
-    coco = data / "coco"
-    register = [
-        "--register-coco", TRAIN_NAME, str(coco / "train.json"), str(coco / "train"),
-        "--register-coco", VAL_NAME, str(coco / "val.json"), str(coco / "val"),
-    ]
+    if not layout.backbone.is_file():
+        raise RuntimeError(f"pretraining finished without writing {layout.backbone}")
 
-    pretrain_dir = out / "pretrain"
-    timings["pretrain"] = _run(
-        "pretrain",
-        [python, "tools/pretrain_net.py", "--config-file", str(DEMO_CONFIGS["pretrain"]),
-         "DATA.ROOT", str(data / "classification"), "OUTPUT_DIR", str(pretrain_dir),
-         *pretrain_opts],
-        logs / "pretrain.log", env,
+
+def _train_detector(tools: _Tools, layout: _Layout, opts: Sequence[str]) -> dict[str, float]:
+    """Train Mask R-CNN from the pretrained backbone and return its COCO AP on the held-out
+    split (``read_coco_ap``)."""
+    tools.run(
+        "detect", "detect (train + COCO evaluation)", "tools/train_net.py",
+        "--config-file", str(DEMO_CONFIGS["detect"]), *layout.register_args(),
+        "MODEL.WEIGHTS", str(layout.backbone), "OUTPUT_DIR", str(layout.detect), *opts,
     )
-    backbone = pretrain_dir / "backbone_final.pth"
-    if not backbone.is_file():
-        raise RuntimeError(f"pretraining finished without writing {backbone}")
+    return read_coco_ap(layout.detect / "metrics.json")
 
-    detect_dir = out / "detect"
-    timings["detect"] = _run(
-        "detect (train + COCO evaluation)",
-        [python, "tools/train_net.py", "--config-file", str(DEMO_CONFIGS["detect"]), *register,
-         "MODEL.WEIGHTS", str(backbone), "OUTPUT_DIR", str(detect_dir), *detect_opts],
-        logs / "detect.log", env,
-    )
-    ap = read_coco_ap(detect_dir / "metrics.json")
 
-    vis_dir = out / "predictions"
-    val_images = sorted(glob.glob(str(coco / "val" / "*.png")))[:num_vis]
-    timings["draw"] = _run(
-        "draw",
-        [python, "tools/demo.py", "--config-file", str(DEMO_CONFIGS["detect"]), *register,
-         "--input", *val_images, "--output", str(vis_dir),
-         "MODEL.WEIGHTS", str(detect_dir / "model_final.pth"), *detect_opts],
-        logs / "draw.log", env,
+def _draw_predictions(tools: _Tools, layout: _Layout, num_vis: int, opts: Sequence[str]) -> None:
+    """Draw the detector's predictions on the first ``num_vis`` held-out images."""
+    val_images = sorted(glob.glob(str(layout.coco / "val" / "*.png")))[:num_vis]
+    tools.run(
+        "draw", "draw", "tools/demo.py",
+        "--config-file", str(DEMO_CONFIGS["detect"]), *layout.register_args(),
+        "--input", *val_images, "--output", str(layout.predictions),
+        "MODEL.WEIGHTS", str(layout.detector), *opts,
     )
 
-    summary = {
+
+def _summary(ap: dict[str, float], seconds: float, timings: dict[str, float],
+             layout: _Layout) -> dict:
+    return {
         "box_ap": round(ap["bbox/AP"], 2),
         "mask_ap": round(ap["segm/AP"], 2) if "segm/AP" in ap else math.nan,
         "box_ap50": round(ap.get("bbox/AP50", math.nan), 2),
         "mask_ap50": round(ap.get("segm/AP50", math.nan), 2),
-        "seconds": round(time.perf_counter() - start, 1),
+        "seconds": round(seconds, 1),
         "step_seconds": {k: round(v, 1) for k, v in timings.items()},
         "paths": {
-            "data": str(data),
-            "backbone": str(backbone),
-            "detector": str(detect_dir / "model_final.pth"),
-            "coco_eval": str(detect_dir / "inference"),
-            "predictions": str(vis_dir),
-            "logs": str(logs),
+            "data": str(layout.data),
+            "backbone": str(layout.backbone),
+            "detector": str(layout.detector),
+            "coco_eval": str(layout.detect / "inference"),
+            "predictions": str(layout.predictions),
+            "logs": str(layout.logs),
         },
     }
-    with open(out / "summary.json", "w") as f:
-        json.dump(summary, f, indent=2)
-    _print_summary(summary, out)
-    return summary
 
 
 def _print_summary(summary: dict, out: Path) -> None:
