@@ -30,7 +30,7 @@ CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 def add_agc_config(cfg: CN) -> None:
-    """Add ``SOLVER.AGC.*`` (Adaptive Gradient Clipping, NFNET_REFERENCE.md) to ``cfg``.
+    """Add ``SOLVER.AGC.*`` (Adaptive Gradient Clipping, docs/reference.md, "AGC") to ``cfg``.
 
     Args:
         cfg (CfgNode): a config; ``SOLVER`` is created when missing.

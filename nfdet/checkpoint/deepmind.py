@@ -4,7 +4,7 @@
 A Haiku tree is ``{module_path: {param_name: array}}`` with paths ``<root>/~/<module>``, e.g.
 ``NFNet/~/nf_block_3/~/conv1b``. DeepMind numbers blocks globally (``nf_block_<i>`` over all
 stages); a stage starts at each block that owns a ``conv_shortcut``. Conv weights are HWIO,
-linear weights in x out, gains vectors.
+linear weights in x out, gains vectors (docs/reference.md, "Released weights").
 """
 
 from __future__ import annotations

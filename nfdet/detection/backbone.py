@@ -37,8 +37,8 @@ class NFNetBackbone(Backbone):
     The backbone contains no normalization layer.
 
     Differences from the paper: Brock et al. report using NFNets as Mask R-CNN backbones "without
-    any modification" but publish no detection code; the choice of ``res5`` and freezing with
-    ``requires_grad`` (there is no BatchNorm to freeze) are nfdet's.
+    any modification" but publish no detection code (docs/reference.md, "Detection"); the choice
+    of ``res5`` and freezing with ``requires_grad`` (there is no BatchNorm to freeze) are nfdet's.
 
     Args:
         spec (NFNetSpec): the architecture (``nfdet.modeling.get_variant(name)``).
