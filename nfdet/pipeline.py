@@ -25,6 +25,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 __all__ = ["run_pipeline", "read_coco_ap", "DEMO_CONFIGS"]
 
@@ -95,7 +96,7 @@ def run_pipeline(
         num_vis (int): how many held-out images to draw predictions on.
         python (str): the interpreter that runs the tools.
     """
-    layout = _Layout(Path(out_dir).resolve())
+    layout = _Layout.under(Path(out_dir).resolve())
     layout.logs.mkdir(parents=True, exist_ok=True)
     tools = _Tools(python, layout.logs, dict(os.environ, PYTHONUNBUFFERED="1"))
     start = time.perf_counter()
@@ -110,43 +111,27 @@ def run_pipeline(
     return summary
 
 
-@dataclass(frozen=True)
-class _Layout:
+class _Layout(NamedTuple):
     """Where the demo's steps write, under ``out``."""
 
     out: Path
+    logs: Path
+    data: Path
+    coco: Path
+    pretrain: Path
+    backbone: Path
+    detect: Path
+    detector: Path
+    predictions: Path
 
-    @property
-    def logs(self) -> Path:
-        return self.out / "logs"
-
-    @property
-    def data(self) -> Path:
-        return self.out / "data"
-
-    @property
-    def coco(self) -> Path:
-        return self.data / "coco"
-
-    @property
-    def pretrain(self) -> Path:
-        return self.out / "pretrain"
-
-    @property
-    def backbone(self) -> Path:
-        return self.pretrain / "backbone_final.pth"
-
-    @property
-    def detect(self) -> Path:
-        return self.out / "detect"
-
-    @property
-    def detector(self) -> Path:
-        return self.detect / "model_final.pth"
-
-    @property
-    def predictions(self) -> Path:
-        return self.out / "predictions"
+    @classmethod
+    def under(cls, out: Path) -> _Layout:
+        data, pretrain, detect = out / "data", out / "pretrain", out / "detect"
+        return cls(
+            out=out, logs=out / "logs", data=data, coco=data / "coco", pretrain=pretrain,
+            backbone=pretrain / "backbone_final.pth", detect=detect,
+            detector=detect / "model_final.pth", predictions=out / "predictions",
+        )
 
     def register_args(self) -> list[str]:
         """``--register-coco`` for the generated train and held-out splits."""

@@ -32,27 +32,13 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--num-train", type=int, default=d.num_train, help="COCO training images")
     p.add_argument("--num-val", type=int, default=d.num_val, help="COCO held-out images")
-    p.add_argument(
-        "--image-size",
-        nargs="+",
-        default=list(d.image_size),
-        metavar="PX",
-        help="COCO image side, or MIN MAX (height and width drawn in that range)",
-    )
-    p.add_argument(
-        "--object-size",
-        nargs="+",
-        default=list(d.object_size),
-        metavar="PX",
-        help="MIN MAX of a shape's longer bounding-box side",
-    )
-    p.add_argument(
-        "--objects-per-image",
-        nargs="+",
-        default=list(d.objects_per_image),
-        metavar="N",
-        help="MIN MAX shapes per COCO image",
-    )
+    for name, default, metavar, text in (
+        ("image-size", d.image_size, "PX",
+         "COCO image side, or MIN MAX (height and width drawn in that range)"),
+        ("object-size", d.object_size, "PX", "MIN MAX of a shape's longer bounding-box side"),
+        ("objects-per-image", d.objects_per_image, "N", "MIN MAX shapes per COCO image"),
+    ):  # one value or MIN MAX: see _pair
+        p.add_argument(f"--{name}", nargs="+", default=list(default), metavar=metavar, help=text)
     p.add_argument(
         "--min-visible",
         type=float,

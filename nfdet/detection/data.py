@@ -156,20 +156,15 @@ def check_dataset_names(cfg) -> None:
                         "IMAGE_DIR")
                 raise DatasetError(f"DATASETS.{key}: dataset {name!r} is not registered{hint}")
             meta = MetadataCatalog.get(name)
-            json_file = getattr(meta, "json_file", None)
-            image_root = getattr(meta, "image_root", None)
-            builtin = (" (detectron2's builtin datasets live under $DETECTRON2_DATASETS, now "
-                       f"{os.environ.get('DETECTRON2_DATASETS', 'datasets')!r})")
-            if json_file and not os.path.isfile(json_file):
-                raise DatasetError(
-                    f"DATASETS.{key}: dataset {name!r}: annotation file {json_file!r} does not "
-                    f"exist{builtin}"
-                )
-            if image_root and not os.path.isdir(image_root):
-                raise DatasetError(
-                    f"DATASETS.{key}: dataset {name!r}: image folder {image_root!r} does not "
-                    f"exist{builtin}"
-                )
+            for field, what, exists in (("json_file", "annotation file", os.path.isfile),
+                                        ("image_root", "image folder", os.path.isdir)):
+                path = getattr(meta, field, None)
+                if path and not exists(path):
+                    raise DatasetError(
+                        f"DATASETS.{key}: dataset {name!r}: {what} {path!r} does not exist "
+                        "(detectron2's builtin datasets live under $DETECTRON2_DATASETS, now "
+                        f"{os.environ.get('DETECTRON2_DATASETS', 'datasets')!r})"
+                    )
 
 
 class NFNetDatasetMapper(DatasetMapper):
