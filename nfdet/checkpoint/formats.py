@@ -280,10 +280,10 @@ def fit_to_variant(
     if "head.fc.weight" not in sd:
         raise CheckpointFormatError(f"{source}: no classifier weight (head.fc / linear) found")
     num_classes = int(sd["head.fc.weight"].shape[0])
-    if variant is None:
-        variant = infer_variant(_state_dict_signature(sd))
-    else:
-        variant = canonical_name(variant)
+    # Read even when the variant is given (as before the module split); a tree that lacks a
+    # stage's conv weights therefore stops here with a KeyError, not a CheckpointFormatError.
+    found = _state_dict_signature(sd)
+    variant = infer_variant(found) if variant is None else canonical_name(variant)
     with torch.device("meta"):
         reference = build_nfnet(variant, num_classes=num_classes).state_dict()
     missing = [k for k in reference if k not in sd]
