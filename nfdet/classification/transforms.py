@@ -25,8 +25,10 @@ Eval (``build_test_transform``): DeepMind's ``resize_crop_32`` by default (``INP
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -43,7 +45,7 @@ from .mixing import (
     sample_rng,
     sources_per_example,
 )
-from .randaugment import RandAugment, TorchvisionRandAugment
+from .randaugment import RandAugment, TorchvisionRandAugment, level_to_arg
 
 __all__ = [
     "INTERPOLATIONS",
@@ -51,6 +53,7 @@ __all__ = [
     "padded_center_crop",
     "resize_float",
     "quantize",
+    "one_thread",
     "TrainImageTransform",
     "TrainCollate",
     "SquashResizeCrop",
@@ -60,6 +63,8 @@ __all__ = [
     "build_test_transform",
     "normalize_batch",
 ]
+
+logger = logging.getLogger(__name__)
 
 # INPUT.INTERPOLATION -> torch interpolate mode (bicubic and bilinear antialiased when shrinking).
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
@@ -160,6 +165,22 @@ def quantize(images: torch.Tensor, truncate: bool) -> torch.Tensor:
     return (images if truncate else images.round()).to(torch.uint8)
 
 
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch ops on one thread (loader workers already do). The pipeline's ops are small:
+    in the main process (``DATA.NUM_WORKERS 0``) intra-op threads cost more than they save
+    (6x slower with 2 threads on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _pil_to_tensor(image: Image.Image) -> np.ndarray:
     array = np.asarray(image)
     if array.ndim != 3 or array.shape[2] != 3:
@@ -231,7 +252,10 @@ class TrainImageTransform:
     def __call__(self, image: Image.Image, seed: int | None = None) -> torch.Tensor:
         if seed is None:
             seed = int(torch.randint(2**62, ()).item())
-        rng = sample_rng(seed, STREAM_IMAGE)
+        with one_thread():
+            return self._transform(image, sample_rng(seed, STREAM_IMAGE))
+
+    def _transform(self, image: Image.Image, rng: np.random.Generator) -> torch.Tensor:
         array = _pil_to_tensor(image)
         y, x, h, w = self.crop_box(array.shape[0], array.shape[1], rng)
         crop = array[y:y + h, x:x + w]
@@ -269,6 +293,10 @@ class TrainCollate:
         return sources_per_example(self.mixup_alpha, self.cutmix_alpha)
 
     def __call__(self, samples: Sequence[tuple[torch.Tensor, int, int]]) -> MixedBatch:
+        with one_thread():
+            return self._collate(samples)
+
+    def _collate(self, samples: Sequence[tuple[torch.Tensor, int, int]]) -> MixedBatch:
         images = torch.stack([s[0] for s in samples]).to(torch.float32)
         labels = torch.tensor([s[1] for s in samples], dtype=torch.int64)
         seeds = [int(s[2]) for s in samples]
@@ -300,7 +328,8 @@ class SquashResizeCrop:
     def __call__(self, image: Image.Image) -> torch.Tensor:
         tensor = torch.from_numpy(_pil_to_tensor(image).copy()).permute(2, 0, 1)
         big = self.size + self.pad
-        out = resize_float(tensor.to(torch.float32), (big, big), self.interpolation)
+        with one_thread():
+            out = resize_float(tensor.to(torch.float32), (big, big), self.interpolation)
         off = (self.pad + 1) // 2
         return quantize(out[:, off:off + self.size, off:off + self.size], truncate=False)
 
@@ -314,7 +343,17 @@ def build_randaugment(cfg) -> Callable | None:
         return None
     impl = ra.IMPL.lower()
     if impl == "deepmind":
-        return RandAugment(int(ra.NUM_OPS), ra.MAGNITUDE, ra.CONTRAST_GRAY)
+        augment = RandAugment(int(ra.NUM_OPS), ra.MAGNITUDE, ra.CONTRAST_GRAY)
+        # Translate and Cutout are in pixels: on small images they can cover the whole image.
+        (shift,), (half,) = level_to_arg("TranslateX", ra.MAGNITUDE), level_to_arg("Cutout",
+                                                                                   ra.MAGNITUDE)
+        size = cfg.INPUT.TRAIN_SIZE
+        if size <= max(shift, 2 * half):
+            logger.warning(
+                "RandAugment at magnitude %g translates by %g px and cuts out %d px squares "
+                "(DeepMind's pixel arguments): at INPUT.TRAIN_SIZE %d some images become flat "
+                "gray 128", ra.MAGNITUDE, shift, 2 * half, size)
+        return augment
     if impl == "torchvision":
         return _TorchvisionAugment(TorchvisionRandAugment(
             num_ops=int(ra.NUM_OPS), magnitude=ra.MAGNITUDE,
