@@ -29,6 +29,7 @@ __all__ = [
     "sources_per_example",
     "cutmix_box",
     "pair_indices",
+    "quantize",
     "mix_pairs",
     "mixed_targets",
 ]
@@ -108,16 +109,27 @@ def pair_indices(num_sources: int, mixup_alpha: float,
             for i in range(q)]
 
 
-def mix_pairs(images: torch.Tensor, labels: torch.Tensor, seeds: Sequence[int],
-              mixup_alpha: float, cutmix_alpha: float) -> MixedBatch:
+def quantize(images: torch.Tensor, truncate: bool) -> torch.Tensor:
+    """Float images -> uint8: clip to [0, 255], then truncate (DeepMind's cast before
+    RandAugment) or round (where DeepMind keeps floats: the closest uint8)."""
+    images = images.clamp(0.0, 255.0)
+    return (images if truncate else images.round()).to(torch.uint8)
+
+
+def mix_pairs(images: torch.Tensor | Sequence[torch.Tensor], labels: torch.Tensor,
+              seeds: Sequence[int], mixup_alpha: float, cutmix_alpha: float,
+              quantize_to: str | None = None) -> MixedBatch:
     """Pair ``2b`` source images into ``b`` training examples (see the module docstring).
 
     Args:
-        images (Tensor): (n, C, H, W) float source images.
+        images (Tensor or sequence[Tensor]): n float (C, H, W) source images.
         labels (Tensor): (n,) int64 labels.
         seeds (sequence[int]): (n,) sample seeds; pair (a, b) draws from ``seeds[a]``.
         mixup_alpha (float): MixUp ratio ~ Beta(alpha, alpha); 0 turns MixUp off.
         cutmix_alpha (float): CutMix area ~ Beta(alpha, alpha); 0 turns CutMix off.
+        quantize_to (str | None): None: float examples; "truncate" or "round": each example
+            goes through ``quantize`` as soon as it is mixed, giving a uint8 batch (no float
+            batch is built).
 
     Returns:
         MixedBatch: ``n / 2`` examples (``n`` unchanged when both alphas are 0).
@@ -125,28 +137,29 @@ def mix_pairs(images: torch.Tensor, labels: torch.Tensor, seeds: Sequence[int],
     Raises:
         ValueError: see ``pair_indices``.
     """
-    n = images.shape[0]
-    if mixup_alpha <= 0 and cutmix_alpha <= 0:
-        return MixedBatch(images, labels, labels.clone(), torch.ones(n, dtype=torch.float32))
-    h, w = images.shape[-2:]
-    out_images, ratios = [], []
+    n = len(images)
     pairs = pair_indices(n, mixup_alpha, cutmix_alpha)
-    for a, b, kind in pairs:
-        rng = sample_rng(seeds[a], STREAM_MIX)
-        if kind == "mixup":
-            r = float(rng.beta(mixup_alpha, mixup_alpha))
-            out_images.append(r * images[a] + (1.0 - r) * images[b])
+    h, w = images[0].shape[-2:]
+    dtype = torch.uint8 if quantize_to else images[0].dtype
+    out = torch.empty((len(pairs), *images[0].shape), dtype=dtype)
+    ratios = []
+    for i, (a, b, kind) in enumerate(pairs):
+        if kind == "none":
+            mixed, r = images[a], 1.0
+        elif kind == "mixup":
+            r = float(sample_rng(seeds[a], STREAM_MIX).beta(mixup_alpha, mixup_alpha))
+            mixed = r * images[a] + (1.0 - r) * images[b]
         else:
-            y0, y1, x0, x1 = cutmix_box(h, w, rng, cutmix_alpha)
+            y0, y1, x0, x1 = cutmix_box(h, w, sample_rng(seeds[a], STREAM_MIX), cutmix_alpha)
             mixed = images[b].clone()
             mixed[:, y0:y1, x0:x1] = images[a][:, y0:y1, x0:x1]
-            out_images.append(mixed)
             r = (y1 - y0) * (x1 - x0) / (h * w)  # the box's true share, after clipping
+        out[i] = quantize(mixed, quantize_to == "truncate") if quantize_to else mixed
         ratios.append(r)
     first = torch.tensor([a for a, _, _ in pairs])
     second = torch.tensor([b for _, b, _ in pairs])
-    return MixedBatch(torch.stack(out_images), labels[first], labels[second],
-                      torch.tensor(ratios, dtype=torch.float32))
+    return MixedBatch(out, labels[first], labels[second], torch.tensor(ratios,
+                                                                       dtype=torch.float32))
 
 
 def mixed_targets(labels: torch.Tensor, mix_labels: torch.Tensor, ratio: torch.Tensor,

@@ -42,6 +42,7 @@ from .mixing import (
     MixedBatch,
     mix_pairs,
     pair_indices,
+    quantize,
     sample_rng,
     sources_per_example,
 )
@@ -156,13 +157,6 @@ def resize_float(image: torch.Tensor, size: tuple[int, int],
         raise ValueError(f"INPUT.INTERPOLATION must be one of {INTERPOLATIONS}, got {mode!r}")
     kwargs = {"antialias": True, "align_corners": False} if mode != "nearest" else {}
     return F.interpolate(image[None], size=tuple(size), mode=mode, **kwargs)[0]
-
-
-def quantize(images: torch.Tensor, truncate: bool) -> torch.Tensor:
-    """Float images -> uint8: clip to [0, 255], then truncate (DeepMind's cast before
-    RandAugment) or round (where DeepMind keeps floats: the closest uint8)."""
-    images = images.clamp(0.0, 255.0)
-    return (images if truncate else images.round()).to(torch.uint8)
 
 
 @contextlib.contextmanager
@@ -297,17 +291,18 @@ class TrainCollate:
             return self._collate(samples)
 
     def _collate(self, samples: Sequence[tuple[torch.Tensor, int, int]]) -> MixedBatch:
-        images = torch.stack([s[0] for s in samples]).to(torch.float32)
+        images = [s[0].to(torch.float32) for s in samples]
         labels = torch.tensor([s[1] for s in samples], dtype=torch.int64)
         seeds = [int(s[2]) for s in samples]
-        batch = mix_pairs(images, labels, seeds, self.mixup_alpha, self.cutmix_alpha)
-        out = quantize(batch.images, truncate=self.truncate)
+        batch = mix_pairs(images, labels, seeds, self.mixup_alpha, self.cutmix_alpha,
+                          quantize_to="truncate" if self.truncate else "round")
         if self.augment is not None:
             # Each example's ops come from the seed of its first image.
             pairs = pair_indices(len(samples), self.mixup_alpha, self.cutmix_alpha)
-            out = torch.stack([self.augment(image, sample_rng(seeds[a], STREAM_RANDAUGMENT))
-                               for image, (a, _, _) in zip(out, pairs)])
-        return batch._replace(images=out)
+            for i, (a, _, _) in enumerate(pairs):
+                batch.images[i] = self.augment(batch.images[i],
+                                               sample_rng(seeds[a], STREAM_RANDAUGMENT))
+        return batch
 
 
 class SquashResizeCrop:
