@@ -270,6 +270,8 @@ class PretrainTrainer:
             cfg, self.train_set, self.rank, self.world_size, self.seed
         )
         self.accum_steps = int(cfg.SOLVER.ACCUM_STEPS)
+        # Seconds spent waiting for the loader since the last log line.
+        self._data_time = 0.0
         self.val_loader = None
         if cfg.DATA.VAL_SPLIT:
             val_set = build_dataset(cfg, "val", build_test_transform(cfg))
