@@ -6,6 +6,7 @@ images. Expectations come from PIL or restated formulas, not from the code under
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -144,6 +145,7 @@ def _pipeline_images(root, count: int, *opts: str) -> torch.Tensor:
     return torch.cat(out)[:count]
 
 
+@pytest.mark.slow
 def test_f3_pipeline_does_not_blank_natural_images(tmp_path):
     """The issue's check: F3's pipeline (320 px, 4 RandAugment layers at magnitude 15, after
     MixUp/CutMix) on drawn shapes over textured backgrounds, 512 training images.
@@ -154,8 +156,8 @@ def test_f3_pipeline_does_not_blank_natural_images(tmp_path):
     images are rare (3 of 512 here) and all such white saturations; never the black or gray a
     zero enhance factor gives, nor a gray fill covering the image. nfdet's earlier RandAugment
     (IMPL 'torchvision', factors 1 +- v reaching 0 at magnitude 15: 90 flat images in 512) fails
-    it, as the second part shows. The size is F3's own: DeepMind's Translate (150 px) and Cutout (120 px) are in pixels,
-    and at much smaller sizes they legitimately cover whole images."""
+    it, as the second part shows. The size is F3's own: DeepMind's Translate (150 px) and Cutout
+    (120 px) are in pixels, and at much smaller sizes they legitimately cover whole images."""
     root = _natural_folder(tmp_path / "shapes")
     images = _pipeline_images(root, 512)
     assert images.shape == (512, 3, 320, 320) and images.dtype == torch.uint8
