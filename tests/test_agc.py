@@ -26,9 +26,13 @@ from nfdet.solver import (
 
 
 def reference_agc(w: torch.Tensor, g: torch.Tensor, clipping: float, eps: float):
-    """Return (clipped copy of g, number of clipped units, number of units)."""
+    """Return (clipped copy of g, number of clipped units, number of units).
+
+    Units as DeepMind's ``unitwise_norm`` (docs/reference.md "AGC"): a tensor whose squeezed shape
+    has rank <= 1 is one unit; otherwise each index of dim 0 (PyTorch's output dim) is a unit."""
     g = g.clone()
-    units = [(w[i], g[i]) for i in range(w.shape[0])] if w.dim() >= 2 else [(w, g)]
+    one_unit = w.squeeze().dim() <= 1
+    units = [(w, g)] if one_unit else [(w[i], g[i]) for i in range(w.shape[0])]
     clipped = 0
     for w_i, g_i in units:
         max_norm = torch.linalg.vector_norm(w_i).clamp_min(eps) * clipping
@@ -48,7 +52,10 @@ SHAPES = [
     (1, 12),  # one unit of rank 2
     (6, 4, 3),  # rank 3
     (8, 3, 3, 3),  # rank 4: conv kernels
-    (8, 1, 1, 1),  # conv gains
+    (8, 1, 1, 1),  # conv gains: one unit
+    (1, 6),  # a row vector: one unit
+    (6, 1),  # a column vector: one unit
+    (5, 1, 3),  # squeezed rank 2: per dim 0
     (4, 3, 2, 2, 2),  # rank 5
     (300, 256),  # large: a norm call of its own
 ]
@@ -65,7 +72,7 @@ def _make_case(clipping: float, eps: float, seed: int):
     params = []
     for shape in SHAPES:
         w = torch.randn(shape, generator=gen)
-        units = shape[0] if len(shape) >= 2 else 1
+        units = shape[0] if len(shape) >= 2 else 1  # per-unit spread (dim 0), as generated
         # Gradient norms spread over ~3 decades around the threshold: some units clip, some don't.
         spread = torch.exp(torch.empty(units).uniform_(-4.0, 3.0, generator=gen))
         g = torch.randn(shape, generator=gen) * clipping
@@ -121,6 +128,61 @@ def test_agc_matches_reference(clipping, eps):
             assert torch.linalg.vector_norm(row).item() == pytest.approx(max_norm.item(), 1e-6)
         else:
             assert torch.linalg.vector_norm(row).item() == max_norm.item()
+
+
+def _whole_clip(w: torch.Tensor, g: torch.Tensor, clipping: float, eps: float = 1e-3):
+    """g clipped as one unit: by the norms of the whole tensors."""
+    max_norm = max(w.double().norm().item(), eps) * clipping
+    norm = g.double().norm().item()
+    return g * (max_norm / norm) if norm > max_norm else g.clone()
+
+
+def test_agc_units_are_deepminds():
+    """Gain and bias vectors, a scalar skip gain, (1, O) and nfdet's (O, 1, 1, 1) gains are each
+    ONE unit (the norm of the whole tensor), a conv kernel has one unit per output channel and a
+    linear weight one per output row (docs/reference.md "AGC")."""
+    clipping = 0.05
+    gen = torch.Generator().manual_seed(3)
+    one_unit = {
+        "gain_vector": (16,), "bias_vector": (16,), "skip_gain": (), "row": (1, 16),
+        "conv_gain": (16, 1, 1, 1),
+    }
+    params = {}
+    for name, shape in one_unit.items():
+        w = torch.rand(shape, generator=gen) + 0.5
+        g = torch.zeros(shape)
+        # One big entry: per element, only that element would clip (and the others stay put).
+        g.view(-1)[0] = 10.0 * clipping * w.norm()
+        g.view(-1)[1:] = 0.3 * clipping * w.view(-1)[1:] if w.numel() > 1 else 0.0
+        params[name] = (w, g)
+    conv_w = torch.randn(6, 4, 3, 3, generator=gen)
+    conv_g = torch.randn(6, 4, 3, 3, generator=gen) * clipping
+    conv_g[::2] *= 100.0  # even output channels clip, odd ones do not
+    lin_w = torch.randn(5, 7, generator=gen)
+    lin_g = torch.randn(5, 7, generator=gen) * clipping * 0.01
+    lin_g[1] *= 1e4  # only row 1 clips
+    params["conv"] = (conv_w, conv_g)
+    params["linear"] = (lin_w, lin_g)
+
+    tensors = []
+    for w, g in params.values():
+        p = nn.Parameter(w.clone())
+        p.grad = g.clone()
+        tensors.append(p)
+    fraction = clip_grad_agc_(tensors, clipping=clipping)
+
+    for (name, (w, g)), p in zip(params.items(), tensors):
+        if name in one_unit:
+            expected = _whole_clip(w, g, clipping)
+            assert not torch.allclose(expected, g), name  # the whole tensor was clipped
+        else:
+            expected = torch.stack([_whole_clip(w[i], g[i], clipping) for i in range(len(w))])
+        torch.testing.assert_close(p.grad, expected, rtol=1e-5, atol=1e-9, msg=name)
+    # Per-element clipping of a gain would have left its small entries alone.
+    gain_w, gain_g = params["conv_gain"]
+    assert not torch.allclose(tensors[4].grad.view(-1)[1:], gain_g.view(-1)[1:])
+    # 5 one-unit tensors (all clipped) + 3 of 6 conv channels + 1 of 5 linear rows.
+    assert fraction.item() == pytest.approx((5 + 3 + 1) / (5 + 6 + 5))
 
 
 def test_agc_zero_parameters_use_eps_floor():

@@ -1,5 +1,6 @@
-"""Pretraining trainer pieces: configs vs. the recipe table, schedule, EMA, RandAugment mapping,
-MixUp/CutMix, the sampler, dataset errors and atomic checkpoints (fast, no training)."""
+"""Pretraining trainer pieces: configs vs. the recipe table, config checks, schedule, EMA, the
+sampler, dataset errors and atomic checkpoints (fast, no training). RandAugment:
+test_randaugment.py; mixing: test_mixing.py; the input pipeline: test_pretrain_transforms.py."""
 
 from __future__ import annotations
 
@@ -13,14 +14,12 @@ import torch
 from PIL import Image
 
 from nfdet.classification import (
-    DeepMindRandAugment,
     EpochBatchSampler,
     ModelEMA,
     build_dataset,
     build_train_transform,
     get_pretrain_cfg,
     lr_factor,
-    mix_batch,
     read_file_list,
     resolve_config_file,
     scaled_lr,
@@ -32,11 +31,14 @@ from nfdet.classification.checkpoint import (
     save_training_checkpoint,
     set_rng_state,
 )
+from nfdet.classification.config import load_pretrain_cfg
+from nfdet.config import ConfigError
 from nfdet.modeling import canonical_name
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "pretrain"
 
-# NFNET_REFERENCE.md "Variant table": train res, test res, RandAugment (layers, magnitude), dropout
+# docs/reference.md (the variant table): train res, test res, RandAugment (layers, magnitude),
+# dropout
 RECIPE = {
     "F0": (192, 256, 4, 5, 0.2),
     "F1": (224, 320, 4, 10, 0.3),
@@ -71,8 +73,12 @@ def test_variant_config_matches_recipe_table(variant):
     assert cfg.INPUT.RANDAUGMENT.ENABLED
     assert (cfg.INPUT.RANDAUGMENT.NUM_OPS, cfg.INPUT.RANDAUGMENT.MAGNITUDE) == (ops, magnitude)
     assert cfg.MODEL.DROPOUT == pytest.approx(dropout)
-    # The shared DeepMind recipe.
+    # The shared DeepMind recipe: its eval transform (resize_crop_32), its RandAugment on the
+    # mixed images.
     assert cfg.INPUT.TEST_RESIZE_PAD == 32 and cfg.INPUT.INTERPOLATION == "bicubic"
+    assert cfg.INPUT.TEST_RESIZE == "squash"
+    assert cfg.INPUT.RANDAUGMENT.IMPL == "deepmind" and not cfg.INPUT.AUGMENT_BEFORE_MIX
+    assert cfg.SOLVER.ACCUM_STEPS == 1 and cfg.SOLVER.IMS_PER_BATCH == 4096
     assert scaled_lr(cfg) == pytest.approx(1.6)  # 0.1 x 4096 / 256
     s = cfg.SOLVER
     assert (s.OPTIMIZER, s.MOMENTUM, s.NESTEROV, s.WEIGHT_DECAY) == ("SGD", 0.9, True, 2e-5)
@@ -117,43 +123,22 @@ def test_ema_warmup_decay_and_average():
     assert ema.current_decay() == 0.99
 
 
-def test_randaugment_magnitude_mapping():
-    # DeepMind level m = m / 10 of torchvision's maxima (its last bin of 31).
-    tv = torch.linspace(0.0, 30.0, 31)
-    for level in (5, 10):
-        ra = DeepMindRandAugment(num_ops=1, magnitude=level)
-        rotate = ra._AUGMENTATION_SPACE["Rotate"][0](ra.num_magnitude_bins, 64, 64)
-        assert rotate[ra.magnitude].item() == pytest.approx(tv[3 * level].item())
-    ra = DeepMindRandAugment(num_ops=1, magnitude=15)  # extrapolates like DeepMind
-    space = ra._AUGMENTATION_SPACE
-    assert space["Rotate"][0](16, 64, 64)[15].item() == pytest.approx(45.0)
-    assert space["ShearX"][0](16, 64, 64)[15].item() == pytest.approx(0.45)
-    assert space["Brightness"][0](16, 64, 64)[15].item() == pytest.approx(1.0)
-    assert space["Posterize"][0](16, 64, 64)[15].item() == 4
-    out = ra(torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8))
-    assert out.shape == (3, 32, 32) and out.dtype == torch.uint8
-    with pytest.raises(ValueError, match="MAGNITUDE"):
-        DeepMindRandAugment(magnitude=-1)
-
-
-def test_mix_batch_halves_and_targets():
-    n, k = 8, 4
-    images = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 3, 16, 16).clone()
-    targets = torch.nn.functional.one_hot(torch.arange(n) % k, k).float()
-    x, y = mix_batch(images, targets, 0.2, 1.0, np.random.default_rng(0))
-    assert x.shape == images.shape and torch.allclose(y.sum(1), torch.ones(n))
-    # First half: MixUp with the half reversed (sample 0 with 3): one lambda for the half.
-    lam = 1 - (x[0, 0, 0, 0] - 0) / 3
-    assert torch.allclose(x[0], images[0] * lam + images[3] * (1 - lam))
-    # Second half: CutMix pastes a box of the reversed half (sample 4 with 7); target weights are
-    # the true area fractions.
-    vals = x[4].unique()
-    assert set(vals.tolist()) <= {4.0, 7.0}
-    frac7 = (x[4, 0] == 7.0).float().mean()
-    assert torch.allclose(y[4], targets[4] * (1 - frac7) + targets[7] * frac7)
-    # Deterministic given the generator seed.
-    x2, y2 = mix_batch(images, targets, 0.2, 1.0, np.random.default_rng(0))
-    assert torch.equal(x, x2) and torch.equal(y, y2)
+@pytest.mark.parametrize("key, value, message", [
+    ("INPUT.TEST_RESIZE", "crop", "INPUT.TEST_RESIZE must be one of 'squash', 'shorter_side'"),
+    ("INPUT.RANDAUGMENT.IMPL", "timm", "INPUT.RANDAUGMENT.IMPL must be one of 'deepmind'"),
+    ("INPUT.RANDAUGMENT.CONTRAST_GRAY", "median", "INPUT.RANDAUGMENT.CONTRAST_GRAY must be"),
+    ("INPUT.RANDAUGMENT.MAGNITUDE", "-3", "INPUT.RANDAUGMENT.MAGNITUDE must be >= 0"),
+    ("INPUT.MIXUP_ALPHA", "-0.2", "INPUT.MIXUP_ALPHA must be >= 0"),
+    ("SOLVER.ACCUM_STEPS", "0", "SOLVER.ACCUM_STEPS must be an integer >= 1"),
+    ("SOLVER.ACCUM_STEPS", "3", "SOLVER.ACCUM_STEPS must be a divisor of SOLVER.IMS_PER_BATCH"),
+    ("INPUT.RANDOM_RESIZED_CROP.SCALE", "(0.5, 1.5)", "INPUT.RANDOM_RESIZED_CROP.SCALE must be"),
+    ("INPUT.INTERPOLATION", "lanczos", "INPUT.INTERPOLATION must be one of"),
+])
+def test_bad_pipeline_values_are_one_line_errors_naming_the_key(key, value, message):
+    with pytest.raises(ConfigError) as info:
+        load_pretrain_cfg("nfnet_f0_imagenet", [key, value])
+    text = str(info.value)
+    assert text.startswith(message) and "\n" not in text, text
 
 
 def test_sampler_shards_and_resumes():
@@ -172,6 +157,33 @@ def test_sampler_shards_and_resumes():
     assert list(other) != batches[0]
     with pytest.raises(ValueError, match="divisible"):
         EpochBatchSampler(50, 9, 0, 2, seed=0)
+
+
+def test_sampler_two_sources_per_example_and_micro_batches():
+    """With mixing a step reads 2 x IMS_PER_BATCH source images, split into ACCUM_STEPS
+    micro-batches per process; the micro-batches of all processes are the plain step's sources,
+    in order, and a resume at a step starts with its first micro-batch."""
+    plain = EpochBatchSampler(100, 8, 0, 1, seed=5, sources_per_example=2)
+    plain.set_epoch(0)
+    steps = list(plain)
+    assert plain.steps_per_epoch == 100 // 16 and [len(b) for b in steps] == [16] * 6
+    split = [EpochBatchSampler(100, 8, r, 2, seed=5, sources_per_example=2, accum_steps=2)
+             for r in range(2)]
+    for s in split:
+        s.set_epoch(0)
+    micro = [list(s) for s in split]
+    assert [len(m) for m in micro] == [12, 12] and all(len(b) == 4 for m in micro for b in m)
+    for step in range(6):
+        # Micro-batch m of rank r is slice m * 2 + r of the step's 16 sources.
+        pieces = [micro[r][2 * step + m] for m in range(2) for r in range(2)]
+        assert [x for piece in pieces for x in piece] == steps[step]
+    resumed = EpochBatchSampler(100, 8, 1, 2, seed=5, sources_per_example=2, accum_steps=2)
+    resumed.set_epoch(0, start_step=4)
+    assert len(resumed) == 4 and list(resumed) == micro[1][8:]
+    with pytest.raises(ValueError, match="training set: a step reads 64 x 2 source images"):
+        EpochBatchSampler(100, 64, 0, 1, seed=0, sources_per_example=2)
+    with pytest.raises(ValueError, match="ACCUM_STEPS"):
+        EpochBatchSampler(100, 8, 0, 2, seed=0, accum_steps=3)
 
 
 def _write_images(folder: Path, n: int) -> None:
@@ -197,7 +209,8 @@ def test_dataset_errors_and_file_list(tmp_path):
     ds = build_dataset(cfg, "train", transform)
     assert len(ds) == 5 and ds.classes == ["a", "b"] and list(ds.labels) == [0, 0, 0, 1, 1]
     img, label = ds[(3, 123)]
-    assert img.shape == (3, 16, 16) and img.dtype == torch.uint8 and label == 1
+    # The per-image stage gives float images (the bicubic resize is not clamped).
+    assert img.shape == (3, 16, 16) and img.dtype == torch.float32 and label == 1
     assert torch.equal(ds[(3, 123)][0], img)  # per-sample seed -> same augmentation
 
     assert write_file_list(str(tmp_path / "data" / "train"), str(tmp_path / "data" / "t.txt")) == 5

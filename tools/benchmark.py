@@ -4,10 +4,12 @@
     python tools/benchmark.py backbone  [--variant F0 --batch-size 8 ...]   nfdet vs timm, ResNet-50
     python tools/benchmark.py agc       [--variant F0 --batch-size 8 ...]   AGC vs a loop, vs a step
     python tools/benchmark.py detection [--configs A,B ...]                 Mask R-CNN NFNet vs R50
+    python tools/benchmark.py data      [--variants F0,F3 ...]              data loading per worker
 
-Every subcommand runs on CPU, and on CUDA (bf16 autocast) with --device cuda; --smoke runs it
-at tiny sizes with one repeat. To add one: write ``add_<name>_arguments(parser)`` and
-``main_<name>(args)`` in the nfdet package and add a line to ``SUBCOMMANDS``.
+Every subcommand runs on CPU, and on CUDA (bf16 autocast) with --device cuda (but `data`, which
+times CPU loader workers); --smoke runs it at tiny sizes with one repeat. To add one: write
+``add_<name>_arguments(parser)`` and ``main_<name>(args)`` in the nfdet package and add a line to
+``SUBCOMMANDS``.
 """
 
 import argparse
@@ -18,6 +20,7 @@ SUBCOMMANDS = {
     "backbone": ("nfdet.modeling.benchmark", "NFNet vs timm dm_nfnet and ResNet-50: speed, memory"),
     "agc": ("nfdet.solver.benchmark", "Adaptive Gradient Clipping vs a loop and a train step"),
     "detection": ("nfdet.detection.benchmark", "Mask R-CNN NFNet-FPN vs detectron2's R50-FPN"),
+    "data": ("nfdet.benchmarks.data", "pretraining input pipeline: images/s per loader worker"),
 }
 
 

@@ -17,8 +17,9 @@ A training checkpoint holds only tensors and plain Python values (``torch.load(.
 weights_only=True)`` reads it)::
 
     {"model": state dict, "optimizer": state dict, "ema": {"model", "num_updates", "decay"} | None,
-     "grad_scaler": state dict | None, "step": int, "epoch": int, "step_in_epoch": int,
-     "steps_per_epoch": int, "world_size": int, "seed": int (the run's seed),
+     "grad_scaler": state dict | None, "step": int (optimizer steps), "epoch": int,
+     "step_in_epoch": int, "steps_per_epoch": int, "steps_per_pass": int (optimizer steps per
+     pass over the data), "world_size": int, "seed": int (the run's seed, drawn when SEED < 0),
      "rng": [per-rank {"torch": ByteTensor, "cuda": [ByteTensor], "numpy": (str, LongTensor, int,
              int, float), "python": tuple}],
      "meta": {"variant", "num_classes", "config" (YAML text)}}

@@ -21,11 +21,14 @@ batch sizes are unchanged); training stops with ``ImageReadError`` once more tha
 path. A file list's first entries are checked to exist up front, so a wrong ``DATA.ROOT`` fails
 at once.
 
-Sampling: ``EpochBatchSampler`` shuffles each epoch with a generator seeded by ``(seed, epoch)``,
-drops the incomplete last global batch, gives process ``r`` of ``W`` the ``r``-th slice of every
-global batch, and can start in the middle of an epoch (resume). Every sample carries its own seed
-(from ``(seed, epoch, position)``), and the dataset runs its random transform under that seed, so
-augmentation does not depend on the number of workers, their scheduling or on a resume.
+Sampling: ``EpochBatchSampler`` shuffles each pass over the data with a generator seeded by
+``(seed, pass)``, drops the incomplete last step, and splits every optimizer step's source images
+into ``ACCUM_STEPS`` micro-batches, each cut into one slice per process; it can start at any step
+of a pass (resume). With MixUp/CutMix a step reads two source images per training example
+(``nfdet.classification.mixing``). Every sample carries its own seed (from ``(seed, pass,
+position)``): the dataset runs its per-image transform under it and the batch stage
+(``transforms.TrainCollate``) seeds each pair's mixing and RandAugment from it, so augmentation
+does not depend on the number of workers, their scheduling or on a resume.
 """
 
 from __future__ import annotations
@@ -173,8 +176,10 @@ def write_file_list(folder: str, out_path: str) -> int:
 class ClassificationDataset(Dataset):
     """Images and integer labels; a sample is ``(uint8 CHW tensor, label)``.
 
-    Indexing with ``(index, seed)`` runs the transform under ``torch.manual_seed(seed)`` (in a
-    forked RNG, so the caller's stream is untouched); a plain ``index`` uses the ambient RNG.
+    Indexing with ``(index, seed)`` hands the seed to a transform that takes one (a
+    ``takes_seed`` attribute, as ``transforms.TrainImageTransform``), else runs the transform
+    with torch's CPU generator seeded by it (in a forked RNG state, so the caller's stream is
+    untouched); a plain ``index`` uses the ambient RNG.
 
     Args:
         root (str): folder the paths are relative to.
@@ -211,14 +216,17 @@ class ClassificationDataset(Dataset):
     def path(self, index: int) -> str:
         return os.path.join(self.root, self._paths[index])
 
-    def _load(self, index: int) -> tuple[torch.Tensor, int]:
+    def _load(self, index: int, seed: int | None = None) -> tuple[torch.Tensor, int]:
         """(transformed image, index actually read): ``index``, or with ``skip_unreadable``
         the next readable one."""
         start = index
         while True:
             if index not in self.bad_indices:
                 try:
-                    return self.transform(read_image_rgb(self.path(index))), index
+                    image = read_image_rgb(self.path(index))
+                    if seed is not None:
+                        return self.transform(image, seed), index
+                    return self.transform(image), index
                 except ImageReadError as e:
                     if not self.skip_unreadable:
                         raise
@@ -241,9 +249,14 @@ class ClassificationDataset(Dataset):
     def __getitem__(self, item) -> tuple[torch.Tensor, int]:
         if isinstance(item, tuple):
             index, seed = item
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                image, index = self._load(index)
+            if getattr(self.transform, "takes_seed", False):
+                image, index = self._load(index, seed)
+            else:
+                with torch.random.fork_rng(devices=[]):
+                    # The CPU generator only: torch.manual_seed would also queue CUDA seeds
+                    # (which fork_rng(devices=[]) does not restore) and costs ~4 ms a call.
+                    torch.default_generator.manual_seed(seed)
+                    image, index = self._load(index)
         else:
             image, index = self._load(item)
         return image, int(self.labels[index])
@@ -291,54 +304,83 @@ def build_dataset(cfg, split: str, transform: Callable) -> ClassificationDataset
 
 
 class EpochBatchSampler(Sampler):
-    """Per-process batches of ``(index, sample_seed)`` for one epoch at a time, resumable.
+    """Per-process micro-batches of ``(index, sample_seed)``, one pass over the data at a time,
+    resumable at any optimizer step.
+
+    Step ``s`` of a pass reads the source positions ``[s * S, (s + 1) * S)`` of the pass's
+    shuffled order, ``S = global_batch * sources_per_example``; micro-batch ``m`` of process ``r``
+    is slice ``m * world_size + r`` of ``accum_steps * world_size`` equal slices of them.
 
     Args:
         dataset_size (int): number of samples.
-        global_batch (int): images per step over all processes.
+        global_batch (int): training examples per optimizer step over all processes.
         rank (int): this process.
         world_size (int): number of processes.
-        seed (int): base seed.
+        seed (int): the run's seed.
+        sources_per_example (int): source images per training example (2 with mixing).
+        accum_steps (int): micro-batches per optimizer step.
     """
 
     def __init__(self, dataset_size: int, global_batch: int, rank: int, world_size: int,
-                 seed: int):
-        if global_batch % world_size:
+                 seed: int, sources_per_example: int = 1, accum_steps: int = 1):
+        if global_batch % (world_size * accum_steps):
             raise ValueError(
-                f"SOLVER.IMS_PER_BATCH ({global_batch}) must be divisible by the number of "
-                f"processes ({world_size})"
+                f"SOLVER.IMS_PER_BATCH ({global_batch}) must be divisible by SOLVER.ACCUM_STEPS "
+                f"({accum_steps}) x the number of processes ({world_size})"
             )
-        self.steps_per_epoch = dataset_size // global_batch
+        self.step_sources = global_batch * sources_per_example
+        self.steps_per_epoch = dataset_size // self.step_sources
         if self.steps_per_epoch == 0:
+            reads = (f"{global_batch} x {sources_per_example} source images (MixUp/CutMix pair "
+                     "two per example)" if sources_per_example > 1 else f"{global_batch} images")
             raise ValueError(
-                f"SOLVER.IMS_PER_BATCH ({global_batch}) is larger than the training set "
-                f"({dataset_size} images)"
+                f"SOLVER.IMS_PER_BATCH is larger than the training set: a step reads {reads}, "
+                f"the training set has {dataset_size}"
             )
         self.dataset_size = dataset_size
         self.global_batch = global_batch
-        self.local_batch = global_batch // world_size
+        self.accum_steps = accum_steps
+        self.world_size = world_size
+        self.micro_sources = self.step_sources // (world_size * accum_steps)
         self.rank = rank
         self.seed = seed
         self.epoch = 0
         self.start_step = 0
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        """Select the epoch and the step within it to start from (for resuming)."""
+        """Select the pass and the optimizer step within it to start from (for resuming)."""
         self.epoch = epoch
         self.start_step = start_step
 
     def __len__(self) -> int:
-        return self.steps_per_epoch - self.start_step
+        return (self.steps_per_epoch - self.start_step) * self.accum_steps
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
         order = torch.randperm(self.dataset_size, generator=g).tolist()
-        # One seed per position in the epoch: the same sample sees the same augmentation
+        # One seed per position in the pass: the same sample sees the same augmentation
         # whichever process, worker or resumed run loads it.
         seeds = torch.randint(2**62, (self.dataset_size,), generator=g).tolist()
         for step in range(self.start_step, self.steps_per_epoch):
-            begin = step * self.global_batch + self.rank * self.local_batch
-            yield [(order[p], seeds[p]) for p in range(begin, begin + self.local_batch)]
+            for micro in range(self.accum_steps):
+                begin = step * self.step_sources + (
+                    micro * self.world_size + self.rank) * self.micro_sources
+                yield [(order[p], seeds[p]) for p in range(begin, begin + self.micro_sources)]
+
+
+class _SeededSamples(Dataset):
+    """``dataset[(index, seed)]`` with the seed appended: ``(image, label, seed)`` for the
+    batch stage, which seeds each pair's mixing and RandAugment from it."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]):
+        image, label = self.dataset[item]
+        return image, label, item[1]
 
 
 def _loader_kwargs(cfg) -> dict:
@@ -349,14 +391,38 @@ def _loader_kwargs(cfg) -> dict:
     return kwargs
 
 
-def build_train_loader(cfg, dataset: Dataset, rank: int, world_size: int
+def build_train_loader(cfg, dataset: Dataset, rank: int, world_size: int, seed: int,
+                       collate_fn: Callable | None = None,
                        ) -> tuple[DataLoader, EpochBatchSampler]:
-    """The train loader and its sampler (call ``sampler.set_epoch`` before each epoch)."""
-    sampler = EpochBatchSampler(len(dataset), cfg.SOLVER.IMS_PER_BATCH, rank, world_size,
-                                max(cfg.SEED, 0))
+    """The train loader and its sampler (call ``sampler.set_epoch`` before each pass).
+
+    Each loader batch is one micro-batch of this process, already through the batch stage
+    (``collate_fn``, by default ``transforms.build_train_collate(cfg)``: mixing, RandAugment),
+    in the loader's workers.
+
+    Args:
+        cfg (CfgNode): the config.
+        dataset (Dataset): the training set (``ClassificationDataset``).
+        rank, world_size (int): this process and the number of processes.
+        seed (int): the run's seed (drawn when ``SEED < 0``); every stream derives from it.
+        collate_fn (callable | None): the batch stage.
+    """
+    from .transforms import build_train_collate
+
+    if collate_fn is None:
+        collate_fn = build_train_collate(cfg)
+    sources = getattr(collate_fn, "sources_per_example", 1)
+    sampler = EpochBatchSampler(len(dataset), cfg.SOLVER.IMS_PER_BATCH, rank, world_size, seed,
+                                sources_per_example=sources,
+                                accum_steps=cfg.SOLVER.ACCUM_STEPS)
+    if sources > 1:
+        # Checked here (not in a worker) so that a bad batch size fails before training.
+        from .mixing import pair_indices
+
+        pair_indices(sampler.micro_sources, cfg.INPUT.MIXUP_ALPHA, cfg.INPUT.CUTMIX_ALPHA)
     # A private generator: creating an iterator must not consume the global torch RNG.
-    loader = DataLoader(dataset, batch_sampler=sampler, generator=torch.Generator(),
-                        **_loader_kwargs(cfg))
+    loader = DataLoader(_SeededSamples(dataset), batch_sampler=sampler, collate_fn=collate_fn,
+                        generator=torch.Generator(), **_loader_kwargs(cfg))
     return loader, sampler
 
 

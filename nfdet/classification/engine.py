@@ -3,6 +3,18 @@
 One ``PretrainTrainer`` per process. With several processes (``launch``), the model is wrapped in
 DistributedDataParallel: gradients are averaged by the all-reduce in ``backward()``, and AGC runs
 inside ``optimizer.step()``, i.e. on the averaged (and, with fp16, unscaled) gradients.
+
+Gradient accumulation (``SOLVER.ACCUM_STEPS = k``): an optimizer step runs forward and backward on
+``k`` micro-batches of ``IMS_PER_BATCH / (k x processes)`` examples per process, each loss divided
+by ``k``, so the accumulated gradient is the mean gradient of the global batch; DDP skips its
+all-reduce (``no_sync``) on all but the last micro-batch. AGC, weight decay, the learning-rate
+schedule, EMA, logging and checkpoints count optimizer steps; a checkpoint always falls between two
+optimizer steps, and ``--resume`` continues with the next step's micro-batches.
+
+Steps and epochs: an epoch is ``len(train set) / IMS_PER_BATCH`` optimizer steps (DeepMind's
+definition; ``SOLVER.EPOCHS`` and ``WARMUP_EPOCHS`` count these). With MixUp/CutMix a step reads
+twice as many source images as it trains on, so one pass over the data (the sampler's epoch)
+takes half an epoch.
 """
 
 from __future__ import annotations
@@ -14,6 +26,8 @@ import os
 import random
 import sys
 import time
+from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -35,16 +49,11 @@ from .checkpoint import (
     set_rng_state,
     state_dict_mismatch,
 )
-from .config import scaled_lr
+from .config import check_pretrain_config, scaled_lr
 from .data import build_dataset, build_test_loader, build_train_loader
 from .ema import ModelEMA
-from .transforms import (
-    build_test_transform,
-    build_train_transform,
-    mix_batch,
-    normalize_batch,
-    soft_targets,
-)
+from .mixing import MixedBatch, mixed_targets
+from .transforms import build_test_transform, build_train_transform, normalize_batch
 
 __all__ = [
     "PretrainTrainer",
@@ -211,6 +220,7 @@ class PretrainTrainer:
     """
 
     def __init__(self, cfg):
+        check_pretrain_config(cfg)
         self.cfg = cfg
         self.rank, self.world_size = get_rank(), get_world_size()
         if torch.cuda.is_available():
@@ -257,14 +267,20 @@ class PretrainTrainer:
         self.std = torch.tensor(cfg.DATA.PIXEL_STD, device=self.device).view(1, 3, 1, 1)
         self.train_set = build_dataset(cfg, "train", build_train_transform(cfg))
         self.train_loader, self.sampler = build_train_loader(
-            cfg, self.train_set, self.rank, self.world_size
+            cfg, self.train_set, self.rank, self.world_size, self.seed
         )
+        self.accum_steps = int(cfg.SOLVER.ACCUM_STEPS)
+        # Seconds spent waiting for the loader since the last log line.
+        self._data_time = 0.0
         self.val_loader = None
         if cfg.DATA.VAL_SPLIT:
             val_set = build_dataset(cfg, "val", build_test_transform(cfg))
             self.val_loader = build_test_loader(cfg, val_set, self.rank, self.world_size)
 
-        self.steps_per_epoch = self.sampler.steps_per_epoch
+        # Optimizer steps per epoch of IMS_PER_BATCH training examples, and per pass over the data
+        # (half as many with mixing: two source images per example).
+        self.steps_per_epoch = max(len(self.train_set) // cfg.SOLVER.IMS_PER_BATCH, 1)
+        self.steps_per_pass = self.sampler.steps_per_epoch
         self.max_iter = cfg.SOLVER.MAX_ITER or cfg.SOLVER.EPOCHS * self.steps_per_epoch
         self.warmup_iters = min(round(cfg.SOLVER.WARMUP_EPOCHS * self.steps_per_epoch),
                                 self.max_iter)
@@ -336,6 +352,12 @@ class PretrainTrainer:
                 f"{path} was written with {ckpt.get('steps_per_epoch')} steps per epoch, this run "
                 f"has {self.steps_per_epoch} (dataset or SOLVER.IMS_PER_BATCH changed)"
             )
+        if ckpt.get("steps_per_pass", self.steps_per_pass) != self.steps_per_pass:
+            raise ValueError(
+                f"{path} was written with {ckpt['steps_per_pass']} steps per pass over the data, "
+                f"this run has {self.steps_per_pass} (MixUp/CutMix turned on or off: "
+                "INPUT.MIXUP_ALPHA / INPUT.CUTMIX_ALPHA)"
+            )
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.ema is not None and ckpt.get("ema") is not None:
@@ -343,8 +365,10 @@ class PretrainTrainer:
         if self.scaler is not None and ckpt.get("grad_scaler") is not None:
             self.scaler.load_state_dict(ckpt["grad_scaler"])
         self.step = int(ckpt["step"])
-        # The run's seed (drawn at random when SEED < 0) keeps deriving MixUp/CutMix draws.
+        # The run's seed (drawn at random when SEED < 0): the data order and every augmentation
+        # stream keep deriving from it.
         self.seed = int(ckpt.get("seed", self.seed))
+        self.sampler.seed = self.seed
         rng = ckpt.get("rng") or []
         if ckpt.get("world_size") == self.world_size and len(rng) == self.world_size:
             set_rng_state(rng[self.rank])
@@ -363,34 +387,67 @@ class PretrainTrainer:
             group["lr"] = group["initial_lr"] * factor
         return self.optimizer.param_groups[0]["lr"]
 
-    def run_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """One optimization step; returns (loss, correct top-1 count) as device tensors."""
+    def run_step(self, micro_batches: Iterable[MixedBatch]) -> tuple[torch.Tensor, ...]:
+        """One optimizer step on the ``SOLVER.ACCUM_STEPS`` micro-batches of this process.
+
+        Args:
+            micro_batches (iterable[MixedBatch]): uint8 images, both labels and the ratio of
+                each example (consumed one at a time: forward and backward as they arrive).
+
+        Returns:
+            tuple: (loss, correct top-1 count) as device tensors (the loss is the mean over
+            this process's examples of the step), and the number of examples (int).
+        """
         cfg = self.cfg
-        images = images.to(self.device, non_blocking=True)
-        labels = labels.to(self.device, non_blocking=True)
-        x = normalize_batch(images, self.mean, self.std, torch.float32)
-        targets = soft_targets(labels, cfg.MODEL.NUM_CLASSES, cfg.INPUT.LABEL_SMOOTHING)
-        if cfg.INPUT.MIXUP_ALPHA > 0 or cfg.INPUT.CUTMIX_ALPHA > 0:
-            rng = np.random.default_rng([self.seed, self.step, self.rank])
-            x, targets = mix_batch(x, targets, cfg.INPUT.MIXUP_ALPHA, cfg.INPUT.CUTMIX_ALPHA, rng)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                            enabled=self.amp_dtype is not None):
-            logits = self.ddp_model(x)
-        loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=1), dim=1).mean()
+        k = self.accum_steps
         self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        examples = 0
+        for i, batch in enumerate(micro_batches):
+            if i >= k:
+                raise ValueError(f"run_step got more than SOLVER.ACCUM_STEPS ({k}) micro-batches")
+            images = batch.images.to(self.device, non_blocking=True)
+            labels = batch.labels.to(self.device, non_blocking=True)
+            x = normalize_batch(images, self.mean, self.std, torch.float32)
+            targets = mixed_targets(labels, batch.mix_labels.to(self.device, non_blocking=True),
+                                    batch.ratio.to(self.device, non_blocking=True),
+                                    cfg.MODEL.NUM_CLASSES, cfg.INPUT.LABEL_SMOOTHING)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            # The all-reduce runs once per optimizer step, in the last micro-batch's backward.
+            sync = self.world_size == 1 or i == k - 1
+            with nullcontext() if sync else self.ddp_model.no_sync():
+                with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                    enabled=self.amp_dtype is not None):
+                    logits = self.ddp_model(x)
+                # Each micro-batch's mean loss / k: the gradients add up to the global mean's.
+                loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=1), dim=1).mean() / k
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+            loss_sum += loss.detach()
+            correct += (logits.detach().argmax(dim=1) == labels).sum()
+            examples += labels.shape[0]
+        if examples == 0 or i != k - 1:
+            raise ValueError(f"run_step needs SOLVER.ACCUM_STEPS ({k}) micro-batches")
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)  # unscales first: AGC sees true gradients
             self.scaler.update()
         else:
-            loss.backward()
             self.optimizer.step()
         if self.ema is not None:
             self.ema.update(self.model)
-        correct = (logits.detach().argmax(dim=1) == labels).sum()
-        return loss.detach(), correct
+        return loss_sum, correct, examples
+
+    def _timed_micro_batches(self, batches: Iterator[MixedBatch]) -> Iterator[MixedBatch]:
+        """The next ``ACCUM_STEPS`` batches of the loader, adding the waits to the data time."""
+        for _ in range(self.accum_steps):
+            mark = time.perf_counter()
+            batch = next(batches)
+            self._data_time += time.perf_counter() - mark
+            yield batch
 
     def checkpoint_state(self) -> dict:
         """The full training state (call on every process: RNG states are gathered)."""
@@ -407,6 +464,7 @@ class PretrainTrainer:
             "epoch": self.step // self.steps_per_epoch,
             "step_in_epoch": self.step % self.steps_per_epoch,
             "steps_per_epoch": self.steps_per_epoch,
+            "steps_per_pass": self.steps_per_pass,
             "world_size": self.world_size,
             "seed": self.seed,
             "rng": rng,
@@ -499,31 +557,34 @@ class PretrainTrainer:
 
             bar = tqdm(total=stop, initial=self.step, desc="pretrain", unit="step",
                        dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
-        logger.info("Training NFNet-%s: %d steps (%d per epoch), global batch %d, lr %.4g, %d "
-                    "process(es), device %s, precision %s", self.variant, self.max_iter,
-                    self.steps_per_epoch, cfg.SOLVER.IMS_PER_BATCH, scaled_lr(cfg),
-                    self.world_size, self.device, self.amp_dtype or torch.float32)
+        logger.info("Training NFNet-%s: %d steps (%d per epoch), global batch %d (%d "
+                    "micro-batch(es) per step), lr %.4g, %d process(es), device %s, "
+                    "precision %s, seed %d",
+                    self.variant, self.max_iter, self.steps_per_epoch, cfg.SOLVER.IMS_PER_BATCH,
+                    self.accum_steps, scaled_lr(cfg), self.world_size, self.device,
+                    self.amp_dtype or torch.float32, self.seed)
         self.ddp_model.train()
         results: dict[str, float] = {}
         window = torch.zeros(3, dtype=torch.float64, device=self.device)
-        window_start, data_time, data_mark = time.perf_counter(), 0.0, time.perf_counter()
+        window_start, self._data_time = time.perf_counter(), 0.0
         window_steps = 0
         try:
             while self.step < stop:
-                epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
-                self.sampler.set_epoch(epoch, in_epoch)
-                data_mark = time.perf_counter()
-                for images, labels in self.train_loader:
-                    data_time += time.perf_counter() - data_mark
+                # One pass over the data; a resumed run starts at its step within the pass.
+                data_pass, in_pass = divmod(self.step, self.steps_per_pass)
+                self.sampler.set_epoch(data_pass, in_pass)
+                batches = iter(self.train_loader)
+                for _ in range(in_pass, self.steps_per_pass):
+                    epoch = self.step // self.steps_per_epoch
                     lr = self._set_lr(self.step)
-                    loss, correct = self.run_step(images, labels)
+                    loss, correct, examples = self.run_step(self._timed_micro_batches(batches))
                     self.step += 1
                     self._first_nonfinite = torch.where(
                         ~torch.isfinite(loss) & (self._first_nonfinite < 0), self.step,
                         self._first_nonfinite,
                     )
                     window += torch.stack([loss.double(), correct.double(),
-                                           torch.tensor(labels.shape[0], dtype=torch.float64,
+                                           torch.tensor(examples, dtype=torch.float64,
                                                         device=self.device)])
                     window_steps += 1
                     if bar is not None:
@@ -531,14 +592,14 @@ class PretrainTrainer:
                     last = self.step >= stop
                     if self.step % cfg.LOG.PERIOD == 0 or last:
                         self.check_finite()
-                        metrics = self._log_window(window, window_steps, window_start, data_time,
-                                                   lr, epoch)
+                        metrics = self._log_window(window, window_steps, window_start,
+                                                   self._data_time, lr, epoch)
                         if writer is not None:
                             writer.write(self.step, metrics)
                         if bar is not None:
                             bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.3g}")
                         window.zero_()
-                        window_steps, data_time = 0, 0.0
+                        window_steps, self._data_time = 0, 0.0
                         window_start = time.perf_counter()
                     epoch_end = self.step % self.steps_per_epoch == 0
                     if cfg.TEST.EVAL_PERIOD > 0 and self.step % cfg.TEST.EVAL_PERIOD == 0 \
@@ -554,9 +615,8 @@ class PretrainTrainer:
                         or (cfg.SOLVER.CHECKPOINT_EVERY_EPOCH and epoch_end)
                     ):
                         self.save()
-                    if last or epoch_end:
+                    if last:
                         break
-                    data_mark = time.perf_counter()
             if self.step >= self.max_iter:
                 results = self._eval_and_log(writer, self.step // self.steps_per_epoch)
                 if self.rank == 0:

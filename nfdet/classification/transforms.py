@@ -1,165 +1,415 @@
-"""Image transforms of the pretraining recipe (torchvision.transforms.v2) and batch mixing.
+"""The pretraining input pipeline, in DeepMind's order (docs/pretraining_pipeline.md).
 
-Train: RandomResizedCrop (area 0.08-1, aspect 3/4-4/3, bicubic) -> horizontal flip -> RandAugment
--> uint8 CHW tensor. Eval: resize the shorter side to ``test_size + 32`` (bicubic) -> center crop.
-Normalization happens on the device, on whole batches (``normalize_batch``), so workers ship
-uint8 tensors (4x less data than float).
+Per image, in the dataset (``TrainImageTransform``, a loader worker): decode -> Inception crop
+(TF's ``sample_distorted_bounding_box``: aspect 3/4-4/3, area 0.08-1, at least 10 % of the image,
+10 attempts; when the crop comes back as the whole image, a padded center crop of side
+``S * min(H, W) / (S + 32)`` instead) -> random horizontal flip (uint8) -> bicubic resize to the
+square train size ``S``, float, not clamped.
 
-RandAugment magnitude mapping: DeepMind (the EfficientNet/TPU ``autoaugment.py`` their input
-pipeline uses) gives magnitudes on a 0-10 scale, level ``m`` meaning ``m / 10`` of each op's
-maximum (rotate 30 deg, shear 0.3, translate ~0.45 of the size, enhance factor +-0.9), and the
-recipe uses 5, 10 and 15 (15 extrapolates to 1.5x the maxima). torchvision's ``RandAugment`` has the
-same maxima at its last bin (0-30 with the default 31 bins, so ``torchvision = 3 x DeepMind``),
-but cannot go beyond them. ``DeepMindRandAugment`` uses bins that are DeepMind levels 0..m and
-extrapolates the continuous ops linearly as DeepMind does; posterize and solarize saturate at
-level 10 (4 bits removed / threshold 0), where extrapolating would be meaningless.
+Per batch, in the same worker (``TrainCollate``, the loader's ``collate_fn``): ``2b`` source images
+-> ``b`` training examples by MixUp/CutMix (``nfdet.classification.mixing``) -> clip to [0, 255]
+and cast to uint8 -> RandAugment on each mixed image (``nfdet.classification.randaugment``) ->
+a ``MixedBatch`` of uint8 images with the labels of both partners and the ratio. Normalization
+(``normalize_batch``) and the soft targets (``mixing.mixed_targets``: label mixing, then label
+smoothing) happen on the device.
 
-MixUp/CutMix: DeepMind mixes half of every batch with MixUp (alpha 0.2) and the other half with
-CutMix (alpha 1.0). torchvision's ``MixUp``/``CutMix`` pick one per batch, so ``mix_batch``
-implements the half/half split with an explicit numpy generator (seeded per step).
+Every random draw is seeded per sample: the crop and flip from the sample seed the sampler hands
+out (``ClassificationDataset`` runs the transform under it), the pair's ratio or box and the
+RandAugment ops from the seed of the pair's first image. Nothing depends on the number of workers,
+and a resumed run sees the same images.
+
+Eval (``build_test_transform``): DeepMind's ``resize_crop_32`` by default (``INPUT.TEST_RESIZE
+'squash'``): resize the whole image to ``(S + 32)^2`` (bicubic, aspect not kept), center crop ``S``;
+``'shorter_side'`` resizes the shorter side to ``S + 32`` instead.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import Image
 from torchvision.transforms import v2
 
+from .mixing import (
+    STREAM_IMAGE,
+    STREAM_RANDAUGMENT,
+    MixedBatch,
+    mix_pairs,
+    pair_indices,
+    quantize,
+    sample_rng,
+    sources_per_example,
+)
+from .randaugment import RandAugment, TorchvisionRandAugment, level_to_arg
+
 __all__ = [
-    "DeepMindRandAugment",
+    "INTERPOLATIONS",
+    "sample_inception_crop",
+    "padded_center_crop",
+    "resize_float",
+    "quantize",
+    "one_thread",
+    "TrainImageTransform",
+    "TrainCollate",
+    "SquashResizeCrop",
+    "build_randaugment",
     "build_train_transform",
+    "build_train_collate",
     "build_test_transform",
     "normalize_batch",
-    "mix_batch",
-    "soft_targets",
 ]
 
-_INTERPOLATIONS = {
-    "bicubic": v2.InterpolationMode.BICUBIC,
-    "bilinear": v2.InterpolationMode.BILINEAR,
-    "nearest": v2.InterpolationMode.NEAREST,
-}
+logger = logging.getLogger(__name__)
+
+# INPUT.INTERPOLATION -> torch interpolate mode (bicubic and bilinear antialiased when shrinking).
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 
 
-def _interpolation(name: str) -> v2.InterpolationMode:
-    if name.lower() not in _INTERPOLATIONS:
-        raise ValueError(
-            f"INPUT.INTERPOLATION must be one of {sorted(_INTERPOLATIONS)}, got {name!r}"
-        )
-    return _INTERPOLATIONS[name.lower()]
+# ----------------------------------------------------------------------------------- crops
+def _tf_random_crop(height: int, width: int, min_area_frac: float, max_area_frac: float,
+                    aspect: float, rng: np.random.Generator) -> tuple[int, int, int, int] | None:
+    """One attempt of TF's ``GenerateRandomCrop``: (y, x, h, w) or None.
+
+    The crop height is uniform over the integers between the heights that give the minimum and
+    the maximum area at this aspect ratio (lrintf rounding), the width ``round(h * aspect)``.
+    """
+    min_area = min_area_frac * width * height
+    max_area = max_area_frac * width * height
+    h = int(np.rint(math.sqrt(min_area / aspect)))
+    max_h = int(np.rint(math.sqrt(max_area / aspect)))
+    if np.rint(max_h * aspect) > width:
+        # The largest height whose rounded width still fits.
+        max_h = int((width + 0.5 - 1e-7) / aspect)
+        if np.rint(max_h * aspect) > width:
+            max_h -= 1
+    max_h = min(max_h, height)
+    h = min(h, max_h)
+    if h < max_h:
+        h += int(rng.integers(max_h - h + 1))
+    w = int(np.rint(h * aspect))
+    area = w * h
+    # Rounding may have left the area range: one step up, then one step down.
+    if area < min_area:
+        h += 1
+        w = int(np.rint(h * aspect))
+        area = w * h
+    if area > max_area:
+        h -= 1
+        w = int(np.rint(h * aspect))
+        area = w * h
+    if area < min_area or area > max_area or w > width or h > height or w <= 0 or h <= 0:
+        return None
+    y = int(rng.integers(height - h)) if h < height else 0
+    x = int(rng.integers(width - w)) if w < width else 0
+    return y, x, h, w
 
 
-def _linear(maximum: float):
-    # Bin i is DeepMind level i: value = maximum * i / 10 (extrapolates past level 10).
-    return lambda num_bins, height, width: torch.arange(num_bins) * (maximum / 10.0)
+def sample_inception_crop(height: int, width: int, rng: np.random.Generator,
+                          area_range: Sequence[float] = (0.08, 1.0),
+                          aspect_range: Sequence[float] = (3 / 4, 4 / 3),
+                          min_object_covered: float = 0.1,
+                          max_attempts: int = 10) -> tuple[int, int, int, int]:
+    """TF's ``sample_distorted_bounding_box`` with the whole image as the only box:
+    ``(y, x, h, w)``; the whole image when no attempt gives a valid crop.
+
+    Per attempt: aspect ratio uniform in ``aspect_range``, then ``_tf_random_crop``; accepted
+    when the crop covers at least ``min_object_covered`` of the image (and one pixel).
+    """
+    lo, hi = float(aspect_range[0]), float(aspect_range[1])
+    for _ in range(max_attempts):
+        aspect = rng.random() * (hi - lo) + lo
+        crop = _tf_random_crop(height, width, area_range[0], area_range[1], aspect, rng)
+        if crop is not None:
+            area = crop[2] * crop[3]
+            if area >= 1 and area / (height * width) >= min_object_covered:
+                return crop
+    return 0, 0, height, width
 
 
-def _linear_scaled(fraction: float, axis: str):
-    def fn(num_bins: int, height: int, width: int) -> torch.Tensor:
-        size = width if axis == "x" else height
-        return torch.arange(num_bins) * (fraction * size / 10.0)
-
-    return fn
-
-
-def _posterize(num_bins: int, height: int, width: int) -> torch.Tensor:
-    levels = torch.arange(num_bins).clamp(max=10)
-    return (8 - (levels * 0.4).round()).int()
+def padded_center_crop(height: int, width: int, size: int,
+                       pad: int = 32) -> tuple[int, int, int, int]:
+    """DeepMind's center crop ``(y, x, h, w)``: square side ``size * min(H, W) / (size + pad)``
+    (truncated), centered (odd margins put the extra pixel first)."""
+    scale = min(height / (size + pad), width / (size + pad))
+    side_h = max(1, int(scale * size))
+    side_w = max(1, int(scale * size))
+    return (height - side_h + 1) // 2, (width - side_w + 1) // 2, side_h, side_w
 
 
-def _solarize(num_bins: int, height: int, width: int) -> torch.Tensor:
-    return 1.0 - torch.arange(num_bins).clamp(max=10) / 10.0
+# --------------------------------------------------------------------------------- helpers
+def resize_float(image: torch.Tensor, size: tuple[int, int],
+                 interpolation: str = "bicubic") -> torch.Tensor:
+    """Resize a float (C, H, W) image; no clamping (bicubic overshoots [0, 255] as DeepMind's).
+
+    Bicubic and bilinear use torch's antialiased kernels (bicubic with a = -0.5, PIL's and TF's
+    Keys kernel), which filter when shrinking.
+    """
+    if image.shape[-2:] == tuple(size):
+        return image
+    mode = interpolation.lower()
+    if mode not in INTERPOLATIONS:
+        raise ValueError(f"INPUT.INTERPOLATION must be one of {INTERPOLATIONS}, got {mode!r}")
+    kwargs = {"antialias": True, "align_corners": False} if mode != "nearest" else {}
+    return F.interpolate(image[None], size=tuple(size), mode=mode, **kwargs)[0]
 
 
-class DeepMindRandAugment(v2.RandAugment):
-    """torchvision's RandAugment with magnitudes on DeepMind's 0-10(+) scale.
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch ops on one thread (loader workers already do). The pipeline's ops are small:
+    in the main process (``DATA.NUM_WORKERS 0``) intra-op threads cost more than they save
+    (6x slower with 2 threads on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pil_to_tensor(image: Image.Image) -> np.ndarray:
+    array = np.asarray(image)
+    if array.ndim != 3 or array.shape[2] != 3:
+        raise ValueError(f"expected an RGB image, got an array of shape {array.shape}")
+    return array
+
+
+class _TorchvisionAugment:
+    """``TorchvisionRandAugment`` behind the ``(image, rng)`` call of ``RandAugment``: torch's RNG
+    is seeded from ``rng`` (in a forked RNG state)."""
+
+    def __init__(self, augment: TorchvisionRandAugment):
+        self.augment = augment
+
+    def __call__(self, image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(int(rng.integers(2**62)))
+            return self.augment(image)
+
+    def __repr__(self) -> str:
+        return repr(self.augment)
+
+
+# ------------------------------------------------------------------------------- pipeline
+class TrainImageTransform:
+    """Per-image train stage: PIL RGB image -> float (3, S, S) tensor (not clamped).
+
+    ``transform(image, seed)`` draws from ``seed`` (``ClassificationDataset`` passes the sample
+    seed); ``transform(image)`` draws a seed from torch's RNG.
 
     Args:
-        num_ops (int): ops applied per image (DeepMind's "layers").
-        magnitude (int): DeepMind level (0-10 within torchvision's ranges; larger extrapolates).
-        interpolation: as ``v2.RandAugment``.
-        fill: as ``v2.RandAugment``.
+        size (int): square train size S.
+        area_range, aspect_range, min_object_covered, max_attempts: the Inception crop's.
+        fallback_pad (int): the fallback center crop keeps ``S / (S + pad)`` of the shorter side.
+        hflip (bool): random horizontal flip (p 0.5).
+        interpolation (str): "bicubic", "bilinear" or "nearest".
+        augment (callable | None): ``(uint8 image, rng) -> uint8 image`` applied here, before
+            mixing (``INPUT.AUGMENT_BEFORE_MIX``); None: RandAugment runs after mixing.
     """
 
-    _AUGMENTATION_SPACE = {
-        "Identity": (lambda num_bins, height, width: None, False),
-        "ShearX": (_linear(0.3), True),
-        "ShearY": (_linear(0.3), True),
-        "TranslateX": (_linear_scaled(150.0 / 331.0, "x"), True),
-        "TranslateY": (_linear_scaled(150.0 / 331.0, "y"), True),
-        "Rotate": (_linear(30.0), True),
-        # Enhance factors are 1 +- value; keep them >= 0 when extrapolating.
-        "Brightness": (lambda n, h, w: _linear(0.9)(n, h, w).clamp(max=1.0), True),
-        "Color": (lambda n, h, w: _linear(0.9)(n, h, w).clamp(max=1.0), True),
-        "Contrast": (lambda n, h, w: _linear(0.9)(n, h, w).clamp(max=1.0), True),
-        "Sharpness": (lambda n, h, w: _linear(0.9)(n, h, w).clamp(max=1.0), True),
-        "Posterize": (_posterize, False),
-        "Solarize": (_solarize, False),
-        "AutoContrast": (lambda num_bins, height, width: None, False),
-        "Equalize": (lambda num_bins, height, width: None, False),
-    }
+    def __init__(self, size: int, area_range: Sequence[float] = (0.08, 1.0),
+                 aspect_range: Sequence[float] = (3 / 4, 4 / 3),
+                 min_object_covered: float = 0.1, max_attempts: int = 10,
+                 fallback_pad: int = 32, hflip: bool = True, interpolation: str = "bicubic",
+                 augment: Callable | None = None):
+        self.size = int(size)
+        self.area_range = tuple(float(v) for v in area_range)
+        self.aspect_range = tuple(float(v) for v in aspect_range)
+        self.min_object_covered = float(min_object_covered)
+        self.max_attempts = int(max_attempts)
+        self.fallback_pad = int(fallback_pad)
+        self.hflip = bool(hflip)
+        self.interpolation = interpolation
+        self.augment = augment
 
-    def __init__(self, num_ops: int = 2, magnitude: int = 10, interpolation="nearest", fill=None):
-        if not isinstance(magnitude, int) or magnitude < 0:
-            raise ValueError(
-                f"INPUT.RANDAUGMENT.MAGNITUDE must be an integer >= 0, got {magnitude!r}"
-            )
-        super().__init__(
-            num_ops=num_ops,
-            magnitude=magnitude,
-            num_magnitude_bins=magnitude + 1,
-            interpolation=interpolation,
-            fill=fill,
-        )
+    def crop_box(self, height: int, width: int,
+                 rng: np.random.Generator) -> tuple[int, int, int, int]:
+        """The crop ``(y, x, h, w)`` of an image: the Inception crop, or the padded center crop
+        when that came back as the whole image."""
+        box = sample_inception_crop(height, width, rng, self.area_range, self.aspect_range,
+                                    self.min_object_covered, self.max_attempts)
+        if box[2:] == (height, width):
+            box = padded_center_crop(height, width, self.size, self.fallback_pad)
+        return box
+
+    # ClassificationDataset hands this transform the sample seed.
+    takes_seed = True
+
+    def __call__(self, image: Image.Image, seed: int | None = None) -> torch.Tensor:
+        if seed is None:
+            seed = int(torch.randint(2**62, ()).item())
+        with one_thread():
+            return self._transform(image, sample_rng(seed, STREAM_IMAGE))
+
+    def _transform(self, image: Image.Image, rng: np.random.Generator) -> torch.Tensor:
+        array = _pil_to_tensor(image)
+        y, x, h, w = self.crop_box(array.shape[0], array.shape[1], rng)
+        crop = array[y:y + h, x:x + w]
+        if self.hflip and rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        tensor = torch.from_numpy(np.require(crop, requirements=["C", "W"])).permute(2, 0, 1)
+        out = resize_float(tensor.to(torch.float32), (self.size, self.size), self.interpolation)
+        if self.augment is not None:
+            out = self.augment(quantize(out, truncate=True), rng).to(torch.float32)
+        return out
 
 
-def build_train_transform(cfg) -> v2.Compose:
-    """Per-image train transform: PIL RGB image -> augmented uint8 CHW tensor.
+class TrainCollate:
+    """Per-batch train stage (a DataLoader ``collate_fn``): samples ``(float image, label,
+    seed)`` -> ``MixedBatch`` of uint8 images (see the module docstring).
+
+    Args:
+        mixup_alpha (float): 0 turns MixUp off.
+        cutmix_alpha (float): 0 turns CutMix off.
+        augment (callable | None): ``(uint8 image, rng) -> uint8 image`` on each mixed image
+            (RandAugment after mixing), seeded from the pair's first sample; None: none here.
+        truncate (bool): quantize by truncation (DeepMind's cast before RandAugment) rather than
+            rounding; set when RandAugment follows.
+    """
+
+    def __init__(self, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
+                 augment: Callable | None = None, truncate: bool | None = None):
+        self.mixup_alpha = float(mixup_alpha)
+        self.cutmix_alpha = float(cutmix_alpha)
+        self.augment = augment
+        self.truncate = augment is not None if truncate is None else truncate
+
+    @property
+    def sources_per_example(self) -> int:
+        return sources_per_example(self.mixup_alpha, self.cutmix_alpha)
+
+    def __call__(self, samples: Sequence[tuple[torch.Tensor, int, int]]) -> MixedBatch:
+        with one_thread():
+            return self._collate(samples)
+
+    def _collate(self, samples: Sequence[tuple[torch.Tensor, int, int]]) -> MixedBatch:
+        images = [s[0].to(torch.float32) for s in samples]
+        labels = torch.tensor([s[1] for s in samples], dtype=torch.int64)
+        seeds = [int(s[2]) for s in samples]
+        batch = mix_pairs(images, labels, seeds, self.mixup_alpha, self.cutmix_alpha,
+                          quantize_to="truncate" if self.truncate else "round")
+        if self.augment is not None:
+            # Each example's ops come from the seed of its first image.
+            pairs = pair_indices(len(samples), self.mixup_alpha, self.cutmix_alpha)
+            for i, (a, _, _) in enumerate(pairs):
+                batch.images[i] = self.augment(batch.images[i],
+                                               sample_rng(seeds[a], STREAM_RANDAUGMENT))
+        return batch
+
+
+class SquashResizeCrop:
+    """DeepMind's ``resize_crop_32`` eval transform: PIL image -> uint8 (3, S, S).
+
+    Resize the whole image to ``(S + pad)^2`` (aspect not kept), center crop ``S`` at offset
+    ``(pad + 1) // 2``; the float result is rounded to uint8.
+
+    Args:
+        size (int): S.
+        pad (int): 32 in DeepMind's eval.
+        interpolation (str): "bicubic", "bilinear" or "nearest".
+    """
+
+    def __init__(self, size: int, pad: int = 32, interpolation: str = "bicubic"):
+        self.size, self.pad, self.interpolation = int(size), int(pad), interpolation
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        tensor = torch.from_numpy(_pil_to_tensor(image).copy()).permute(2, 0, 1)
+        big = self.size + self.pad
+        with one_thread():
+            out = resize_float(tensor.to(torch.float32), (big, big), self.interpolation)
+        off = (self.pad + 1) // 2
+        return quantize(out[:, off:off + self.size, off:off + self.size], truncate=False)
+
+
+# -------------------------------------------------------------------------------- builders
+def build_randaugment(cfg) -> Callable | None:
+    """The ``(uint8 image, rng) -> uint8 image`` RandAugment of ``cfg.INPUT.RANDAUGMENT``, or
+    None when it is off."""
+    ra = cfg.INPUT.RANDAUGMENT
+    if not ra.ENABLED or ra.NUM_OPS == 0:
+        return None
+    impl = ra.IMPL.lower()
+    if impl == "deepmind":
+        augment = RandAugment(int(ra.NUM_OPS), ra.MAGNITUDE, ra.CONTRAST_GRAY)
+        # Translate and Cutout are in pixels: on small images they can cover the whole image.
+        (shift,), (half,) = level_to_arg("TranslateX", ra.MAGNITUDE), level_to_arg("Cutout",
+                                                                                   ra.MAGNITUDE)
+        size = cfg.INPUT.TRAIN_SIZE
+        if size <= max(shift, 2 * half):
+            logger.warning(
+                "RandAugment at magnitude %g translates by %g px and cuts out %d px squares "
+                "(DeepMind's pixel arguments): at INPUT.TRAIN_SIZE %d some images become flat "
+                "gray 128", ra.MAGNITUDE, shift, 2 * half, size)
+        return augment
+    if impl == "torchvision":
+        return _TorchvisionAugment(TorchvisionRandAugment(
+            num_ops=int(ra.NUM_OPS), magnitude=ra.MAGNITUDE,
+            interpolation=v2.InterpolationMode.BILINEAR, fill=128,
+        ))
+    raise ValueError(
+        f"INPUT.RANDAUGMENT.IMPL must be 'deepmind' or 'torchvision', got {ra.IMPL!r}"
+    )
+
+
+def build_train_transform(cfg) -> TrainImageTransform:
+    """The per-image train stage of ``cfg.INPUT``: PIL RGB image -> float (3, S, S).
 
     Args:
         cfg (CfgNode): reads ``INPUT.*``.
     """
     inp = cfg.INPUT
-    interp = _interpolation(inp.INTERPOLATION)
-    ops: list = [
-        v2.RandomResizedCrop(
-            inp.TRAIN_SIZE,
-            scale=tuple(inp.RANDOM_RESIZED_CROP.SCALE),
-            ratio=tuple(inp.RANDOM_RESIZED_CROP.RATIO),
-            interpolation=interp,
-            antialias=True,
-        )
-    ]
-    if inp.HFLIP:
-        ops.append(v2.RandomHorizontalFlip())
-    ops.append(v2.PILToTensor())
-    if inp.RANDAUGMENT.ENABLED and inp.RANDAUGMENT.NUM_OPS > 0:
-        ops.append(
-            DeepMindRandAugment(
-                num_ops=int(inp.RANDAUGMENT.NUM_OPS),
-                magnitude=inp.RANDAUGMENT.MAGNITUDE,
-                interpolation=v2.InterpolationMode.BILINEAR,
-                fill=128,
-            )
-        )
-    return v2.Compose(ops)
+    crop = inp.RANDOM_RESIZED_CROP
+    return TrainImageTransform(
+        inp.TRAIN_SIZE,
+        area_range=crop.SCALE,
+        aspect_range=crop.RATIO,
+        min_object_covered=crop.MIN_OBJECT_COVERED,
+        max_attempts=crop.MAX_ATTEMPTS,
+        fallback_pad=crop.FALLBACK_PAD,
+        hflip=inp.HFLIP,
+        interpolation=inp.INTERPOLATION,
+        augment=build_randaugment(cfg) if inp.AUGMENT_BEFORE_MIX else None,
+    )
 
 
-def build_test_transform(cfg) -> v2.Compose:
-    """Eval transform: resize the shorter side to TEST_SIZE + TEST_RESIZE_PAD, center crop."""
+def build_train_collate(cfg) -> TrainCollate:
+    """The per-batch train stage of ``cfg.INPUT`` (mixing, then RandAugment unless
+    ``INPUT.AUGMENT_BEFORE_MIX``)."""
     inp = cfg.INPUT
-    return v2.Compose(
-        [
-            v2.Resize(
-                inp.TEST_SIZE + inp.TEST_RESIZE_PAD,
-                interpolation=_interpolation(inp.INTERPOLATION),
-                antialias=True,
-            ),
+    return TrainCollate(
+        inp.MIXUP_ALPHA, inp.CUTMIX_ALPHA,
+        augment=None if inp.AUGMENT_BEFORE_MIX else build_randaugment(cfg),
+    )
+
+
+def build_test_transform(cfg) -> Callable:
+    """The eval transform of ``cfg.INPUT`` (``TEST_RESIZE``): PIL image -> uint8 (3, S, S)."""
+    inp = cfg.INPUT
+    mode = inp.TEST_RESIZE.lower()
+    if mode == "squash":
+        return SquashResizeCrop(inp.TEST_SIZE, inp.TEST_RESIZE_PAD, inp.INTERPOLATION)
+    if mode == "shorter_side":
+        interp = inp.INTERPOLATION.lower()
+        if interp not in INTERPOLATIONS:
+            raise ValueError(
+                f"INPUT.INTERPOLATION must be one of {INTERPOLATIONS}, got {inp.INTERPOLATION!r}"
+            )
+        return v2.Compose([
+            v2.Resize(inp.TEST_SIZE + inp.TEST_RESIZE_PAD,
+                      interpolation=v2.InterpolationMode(interp), antialias=True),
             v2.CenterCrop(inp.TEST_SIZE),
             v2.PILToTensor(),
-        ]
+        ])
+    raise ValueError(
+        f"INPUT.TEST_RESIZE must be 'squash' or 'shorter_side', got {inp.TEST_RESIZE!r}"
     )
 
 
@@ -168,70 +418,3 @@ def normalize_batch(
 ) -> torch.Tensor:
     """uint8 NCHW -> normalized float batch: ``(x - mean) / std`` (0-255 statistics)."""
     return (images.to(dtype) - mean) / std
-
-
-def soft_targets(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
-    """Label-smoothed one-hot targets: ``(1 - s) * onehot + s / num_classes``."""
-    out = torch.full(
-        (labels.shape[0], num_classes), smoothing / num_classes, device=labels.device
-    )
-    out.scatter_(1, labels[:, None], 1.0 - smoothing + smoothing / num_classes)
-    return out
-
-
-def _cutmix(
-    x: torch.Tensor, y: torch.Tensor, lam: float, rng: np.random.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    h, w = x.shape[-2:]
-    cut = math.sqrt(1.0 - lam)
-    ch, cw = int(h * cut), int(w * cut)
-    cy, cx = int(rng.integers(h)), int(rng.integers(w))
-    y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
-    x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
-    x = x.clone()
-    x[..., y0:y1, x0:x1] = x.flip(0)[..., y0:y1, x0:x1]
-    lam_true = 1.0 - (y1 - y0) * (x1 - x0) / (h * w)  # the box was clipped at the border
-    return x, y.lerp(y.flip(0), 1.0 - lam_true)
-
-
-def mix_batch(
-    images: torch.Tensor,
-    targets: torch.Tensor,
-    mixup_alpha: float,
-    cutmix_alpha: float,
-    rng: np.random.Generator,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """MixUp on the first half of a batch and CutMix on the second (DeepMind's recipe).
-
-    Samples are paired with the same half in reverse order. With one alpha at 0 the other
-    mixing applies to the whole batch; with both at 0 the batch is returned as is.
-
-    Args:
-        images (Tensor): normalized float NCHW batch.
-        targets (Tensor): soft targets (N, num_classes).
-        mixup_alpha (float): MixUp coefficient ~ Beta(alpha, alpha); 0 disables MixUp.
-        cutmix_alpha (float): CutMix area ~ Beta(alpha, alpha); 0 disables CutMix.
-        rng (numpy.random.Generator): source of the coefficients and boxes (seeded per step by
-            the trainer, so a resumed run mixes exactly as an uninterrupted one).
-
-    Returns:
-        tuple[Tensor, Tensor]: mixed images and targets.
-    """
-    n = images.shape[0]
-    if mixup_alpha > 0 and cutmix_alpha > 0:
-        half = n // 2
-    else:
-        half = n if mixup_alpha > 0 else 0
-    out_x, out_y = [], []
-    if half > 0:
-        lam = float(rng.beta(mixup_alpha, mixup_alpha))
-        x, y = images[:half], targets[:half]
-        out_x.append(x.lerp(x.flip(0), 1.0 - lam))
-        out_y.append(y.lerp(y.flip(0), 1.0 - lam))
-    if half < n:
-        x, y = images[half:], targets[half:]
-        if cutmix_alpha > 0:
-            x, y = _cutmix(x, y, float(rng.beta(cutmix_alpha, cutmix_alpha)), rng)
-        out_x.append(x)
-        out_y.append(y)
-    return torch.cat(out_x), torch.cat(out_y)

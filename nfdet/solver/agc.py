@@ -1,11 +1,15 @@
 """Adaptive Gradient Clipping (Brock et al. 2021, section 4.1).
 
-For every parameter ``W`` with gradient ``G`` and every unit ``i`` of it (a row of a linear weight,
-an output channel of a conv kernel: dim 0 of any tensor of rank >= 2; the whole tensor for scalars
-and vectors)::
+For every parameter ``W`` with gradient ``G`` and every unit ``i`` of it::
 
     max_norm_i = clipping * max(||W_i||, eps)
     G_i <- G_i * max_norm_i / max(||G_i||, 1e-6)      if ||G_i|| > max_norm_i
+
+The units are DeepMind's (``unitwise_norm``, docs/reference.md "AGC"): a tensor whose shape, with
+its size-1 dims left out, has rank <= 1 is ONE unit, clipped by the norm of the whole tensor:
+scalars (skip gains), vectors (biases), and nfdet's conv gains stored as (O, 1, 1, 1), like
+DeepMind's (O,) gain vectors; also (1, O) and (O, 1). Any other tensor has one unit per index of
+dim 0: a linear weight per output row, a conv kernel per output channel (over its fan-in).
 
 ``clip_grad_agc_`` does this for a list of tensors in a few batched operations; ``with_agc`` turns
 any ``torch.optim`` optimizer class into one that clips every parameter group with the group's own
@@ -31,9 +35,16 @@ _GRAD_NORM_FLOOR = 1e-6
 _CONCAT_MAX_NUMEL = 1 << 16
 
 
+def _num_units(t: torch.Tensor) -> int:
+    """Units of ``t``: 1 when its squeezed shape has rank <= 1 (DeepMind's rule), else dim 0."""
+    if sum(1 for d in t.shape if d != 1) <= 1:
+        return 1
+    return t.shape[0]
+
+
 def _unit_view(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as a (units, fan) matrix: dim 0 is the unit for rank >= 2, else one unit."""
-    if t.dim() >= 2:
+    """``t`` as a (units, fan) matrix (see ``_num_units``)."""
+    if _num_units(t) > 1:
         if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(
                 memory_format=torch.channels_last):
             # A channels_last tensor is (out, kh, kw, in) in memory: a view in that order (a
@@ -46,10 +57,6 @@ def _unit_view(t: torch.Tensor) -> torch.Tensor:
 def _norm_dtype(dtype: torch.dtype) -> torch.dtype:
     # Norms of half/bfloat16 tensors are accumulated and compared in float32.
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def _num_units(t: torch.Tensor) -> int:
-    return t.shape[0] if t.dim() >= 2 else 1
 
 
 def _agc_(
@@ -123,7 +130,7 @@ def _agc_(
         for f, u, p, any_clipped in zip(scale.split(units_list), units_list, params, per_tensor):
             if any_clipped:
                 # Broadcast over every dim but the unit dim (0-dim for one-unit tensors).
-                factors.append(f.view((u,) + (1,) * (p.dim() - 1)) if p.dim() >= 2 else f.view(()))
+                factors.append(f.view((u,) + (1,) * (p.dim() - 1)) if u > 1 else f.view(()))
                 grads.append(p.grad)
         if grads:
             torch._foreach_mul_(grads, factors)

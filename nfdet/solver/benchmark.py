@@ -35,8 +35,9 @@ def agc_loop_(parameters: Iterable[torch.Tensor], clipping: float = 0.01, eps: f
     for p in parameters:
         if p.grad is None:
             continue
-        # Unit norms over every dim but the first (any memory layout, no copies).
-        dims = tuple(range(1, p.dim())) if p.dim() >= 2 else None
+        # Unit norms over every dim but the first (any memory layout, no copies); a tensor whose
+        # squeezed shape has rank <= 1 is one unit.
+        dims = tuple(range(1, p.dim())) if sum(d != 1 for d in p.shape) >= 2 else None
         max_norm = torch.linalg.vector_norm(p.detach(), dim=dims, keepdim=True)
         max_norm = max_norm.clamp_min(eps) * clipping
         grad_norm = torch.linalg.vector_norm(p.grad, dim=dims, keepdim=True)
