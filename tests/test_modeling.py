@@ -608,3 +608,80 @@ def test_eval_cache_follows_an_nchw_input_once():
         assert all(w.is_contiguous() for w in cached)
         model(x)
     assert all(m._derived["standardized"].value is w for m, w in zip(convs, cached))
+
+
+# ---------------------------------------------------------------------------------------------
+# Every dtype: float16 and bfloat16 models
+# ---------------------------------------------------------------------------------------------
+
+
+def test_spatial_mean_of_a_large_float16_map_is_finite():
+    """A float16 sum over a detection-size map overflows (max 65504); the mean does not."""
+    from nfdet.modeling.layers import spatial_mean
+
+    x = torch.full((1, 2, 200, 336), 1.5, dtype=torch.float16)  # sum 100800
+    out = spatial_mean(x)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out, torch.full((1, 2), 1.5, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_standardization_statistics_accumulate_in_float32(dtype):
+    """Weights whose squares overflow float16 (|w| ~ 300) standardize to the float64 result."""
+    from nfdet.modeling.layers import standardize_weight
+
+    torch.manual_seed(0)
+    w = torch.randn(4, 8, 3, 3, dtype=torch.float64) * 300.0 + 50.0
+    gain = torch.rand(4, 1, 1, 1, dtype=torch.float64) + 0.5
+    var, mean = torch.var_mean(w, dim=(1, 2, 3), keepdim=True, unbiased=False)
+    reference = (w - mean) * torch.rsqrt(torch.clamp(var * 72, min=1e-4)) * gain
+    out = standardize_weight(w.to(dtype), gain.to(dtype), 72, 1e-4, 1.0)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(out.double(), reference, rtol=8 * eps, atol=8 * eps)
+
+
+def _trunk_in_dtypes(variant: str, size: tuple[int, int]):
+    """Stage outputs of one trunk (non-zero skip gains and biases: channel means away from 0,
+    as in a trained network) in float32, float16 and bfloat16, on one input."""
+    from nfdet.modeling import NFNetTrunk, get_variant
+
+    torch.manual_seed(0)
+    trunk = NFNetTrunk(get_variant(variant), final_conv=False).eval()
+    with torch.no_grad():
+        for m in trunk.modules():
+            if isinstance(m, NFBlock):
+                m.skip_gain.uniform_(0.2, 1.0)
+            if isinstance(m, ScaledStdConv2d):
+                m.bias.uniform_(-1.0, 1.0)
+    x = torch.randn(1, 3, *size)
+    outputs = {}
+    with torch.no_grad():
+        outputs[torch.float32] = trunk.forward_stages(x)
+        for dtype in (torch.float16, torch.bfloat16):
+            copy = NFNetTrunk(get_variant(variant), final_conv=False).eval()
+            copy.load_state_dict(trunk.state_dict())
+            copy = copy.half() if dtype == torch.float16 else copy.to(dtype)
+            outputs[dtype] = copy.forward_stages(x.to(dtype))
+    return outputs
+
+
+def _assert_close_to_float32(outputs):
+    for dtype in (torch.float16, torch.bfloat16):
+        # Rounding errors of ~eps per layer, summed over the depth, stay within a few eps of
+        # the float32 features (measured: ~3 eps).
+        tolerance = 8 * torch.finfo(dtype).eps
+        for stage, (got, want) in enumerate(zip(outputs[dtype], outputs[torch.float32])):
+            assert got.dtype == dtype
+            assert torch.isfinite(got).all(), f"{dtype} res{stage + 2} is not finite"
+            error = ((got.float() - want).norm() / want.norm()).item()
+            assert error < tolerance, f"{dtype} res{stage + 2}: {error:.2e} >= {tolerance:.2e}"
+
+
+def test_half_precision_nano_trunk_at_detection_size():
+    _assert_close_to_float32(_trunk_in_dtypes("nano", (800, 1344)))
+
+
+@pytest.mark.slow  # float16 convolutions on CPU: about a minute for F0 at this size
+def test_half_precision_f0_trunk_at_detection_size():
+    _assert_close_to_float32(_trunk_in_dtypes("F0", (800, 1344)))

@@ -61,7 +61,9 @@ def is_channels_last(t: torch.Tensor) -> bool:
 def same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
     """TensorFlow 'SAME' padding (before, after) for one spatial dimension."""
     effective = (kernel - 1) * dilation + 1
-    out = -(-size // stride)
+    # ceil(size / stride) with non-negative operands only: a traced ONNX graph divides sizes
+    # with truncation, which differs from Python's floor for negative numbers.
+    out = (size + stride - 1) // stride
     total = max((out - 1) * stride + effective - size, 0)
     return total // 2, total - total // 2
 
@@ -82,6 +84,7 @@ def pad_same(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int],
     return x
 
 
+@torch.fx.wrap
 def standardize_weight(
     weight: torch.Tensor,
     gain: torch.Tensor,
@@ -105,14 +108,21 @@ def standardize_weight(
         scale (float): a constant factor (1; the fused path folds gammas and betas here).
         channels_last (bool): return a 4-d result in that layout (the convolution's input's).
     """
-    compute_dtype = torch.promote_types(weight.dtype, torch.float32)
-    w = weight.to(compute_dtype)
+    # float16/bfloat16 weights are standardized in float32. (No cast or product that changes
+    # nothing: an exported graph would keep it, as a constant-folded copy of the parameter.)
+    low_precision = weight.dtype in (torch.float16, torch.bfloat16)
+    w = weight.float() if low_precision else weight
+    g = gain.to(w.dtype) if gain.dtype != w.dtype else gain
+    if scale != 1.0:
+        g = g * scale
     var, mean = torch.var_mean(w, dim=tuple(range(1, w.dim())), keepdim=True, correction=0)
     # With var * fan_in = 1 every output unit of a unit-variance input has unit variance: the
     # convolution preserves the signal's scale whatever the weights' (the eps floor keeps
     # near-constant filters finite).
     inv_std = torch.rsqrt(torch.clamp(var * fan_in, min=eps))
-    out = ((w - mean) * (inv_std * (gain.to(compute_dtype) * scale))).to(weight.dtype)
+    out = (w - mean) * (inv_std * g)
+    if low_precision:
+        out = out.to(weight.dtype)
     if out.dim() == 4:
         out = out.contiguous(
             memory_format=torch.channels_last if channels_last else torch.contiguous_format)
@@ -267,28 +277,28 @@ class ScaledStdConv2d(DerivedTensors, nn.Conv2d):
             nn.init.zeros_(self.bias)
 
     def standardized_weight(self, scale: float = 1.0, channels_last: bool = False,
-                            standardize=standardize_weight) -> torch.Tensor:
+                            standardize=None) -> torch.Tensor:
         """The weight the convolution uses, times ``scale``.
 
         Args:
             scale (float): a constant factor (the fused path folds gammas and betas here).
             channels_last (bool): in that layout (where the convolution's input is).
-            standardize (callable): the kernel, ``standardize_weight`` or one with its
-                signature and results (the fused path's).
+            standardize (callable | None): the kernel, ``standardize_weight`` (None) or one
+                with its signature and results (the fused path's).
         """
+        standardize = standardize or standardize_weight  # (looked up per call: FX wraps it)
         return standardize(self.weight, self.gain, self.fan_in, self.eps, scale,
                            channels_last and self.kernel_size != (1, 1))
 
     def eval_weight(self, x: torch.Tensor, scale: float = 1.0,
-                    standardize=standardize_weight) -> torch.Tensor | None:
+                    standardize=None) -> torch.Tensor | None:
         """The cached standardized weight for input ``x`` (in ``x``'s layout) when the eval
         cache applies (eval mode, no gradient to the weights, no graph capture), else None."""
+        if capturing_graph(x):
+            return None
         weight, gain = self.weight, self.gain
-        if (
-            self.training
-            or (torch.is_grad_enabled() and (weight.requires_grad or gain.requires_grad))
-            or capturing_graph(x)
-        ):
+        if self.training or (torch.is_grad_enabled()
+                             and (weight.requires_grad or gain.requires_grad)):
             return None
         entry = self._derived.get("standardized")
         if entry is None or not entry.serves(weight, gain, scale):
@@ -314,8 +324,10 @@ class ScaledStdConv2d(DerivedTensors, nn.Conv2d):
             padding = self._static_pad
         weight = self.eval_weight(x)
         if weight is None:
-            # Convolutions follow their weight's layout too: standardize into x's.
-            weight = self.standardized_weight(1.0, is_channels_last(x))
+            # Convolutions follow their weight's layout too: standardize into x's (a symbolic
+            # FX value has no layout).
+            weight = self.standardized_weight(
+                1.0, not isinstance(x, torch.fx.Proxy) and is_channels_last(x))
         return F.conv2d(x, weight, self.bias, self.stride, padding, self.dilation, self.groups)
 
 
