@@ -1,0 +1,103 @@
+#!/usr/bin/env python
+"""Export an nfdet model for deployment, in the spirit of detectron2's
+tools/deploy/export_model.py (tracing).
+
+    # the detector (detectron2's TracingAdapter): TorchScript or ONNX
+    python tools/export_model.py --config nfnet_f0_mask_rcnn.yaml --format torchscript \\
+        --output output/export MODEL.WEIGHTS output/model_final.pth [--sample-image img.jpg]
+    # the classifier of a pretraining config: TorchScript, ONNX or torch.export
+    python tools/export_model.py --model classifier --config pretrain/nfnet_f0_imagenet.yaml \\
+        --format onnx --output output/export MODEL.WEIGHTS backbone_final.pth
+
+Writes ``model.ts`` / ``model.onnx`` / ``model.pt2`` and ``export_report.txt`` (the output
+check: the exported file run on the sample input against the eager model) into ``--output``.
+An unsupported combination or bad input ends with a one-line error.
+"""
+
+import argparse
+import os
+import sys
+
+FORMATS = ("torchscript", "onnx", "torch_export")
+
+
+def argument_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config-file", "--config", dest="config_file", required=True,
+                        metavar="FILE", help="a config path, or a name under configs/")
+    parser.add_argument("--model", choices=("detector", "classifier"), default="detector",
+                        help="a detector config (default) or a pretraining (classifier) config")
+    parser.add_argument("--format", choices=FORMATS, default="torchscript",
+                        help="torchscript (trace), onnx (trace) or torch_export")
+    parser.add_argument("--sample-image", default=None, metavar="FILE",
+                        help="the image to trace with (default: a generated one)")
+    parser.add_argument("--output", default="output/export", metavar="DIR",
+                        help="folder for the exported file and export_report.txt")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],
+                        help="KEY VALUE config overrides, e.g. MODEL.WEIGHTS path.pth")
+    return parser
+
+
+def _classifier_sample(cfg, path):
+    """A (1, 3, S, S) input: the image resized to INPUT.TEST_SIZE and normalized, or noise."""
+    import numpy as np
+    import torch
+
+    size = cfg.INPUT.TEST_SIZE
+    if not path:
+        return torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    from PIL import Image
+
+    from nfdet.data.validate import read_image_rgb
+
+    image = read_image_rgb(path).resize((size, size), Image.BICUBIC)
+    x = torch.as_tensor(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
+    mean = torch.tensor(cfg.DATA.PIXEL_MEAN).view(3, 1, 1)
+    std = torch.tensor(cfg.DATA.PIXEL_STD).view(3, 1, 1)
+    return ((x - mean) / std)[None]
+
+
+def export(args: argparse.Namespace):
+    """Run the export of ``args``; returns the ``ExportReport``."""
+    from nfdet.config import resolve_config_file
+
+    config_file = resolve_config_file(args.config_file)
+    if args.model == "classifier":
+        from nfdet.export import build_classifier, export_classifier
+
+        model, cfg = build_classifier(config_file, args.opts)
+        sample = _classifier_sample(cfg, args.sample_image)
+        report = export_classifier(model, sample, args.format, args.output,
+                                   name=f"classifier NFNet-{cfg.MODEL.NFNET.VARIANT}")
+    else:
+        from nfdet.config import merge_config
+        from nfdet.detection.config import get_nfdet_cfg
+        from nfdet.detection.export import export_detector
+
+        cfg = get_nfdet_cfg()
+        merge_config(cfg, config_file, args.opts)
+        cfg.MODEL.DEVICE = "cpu"
+        report = export_detector(cfg, args.format, args.output, args.sample_image)
+    with open(os.path.join(args.output, "export_report.txt"), "w") as f:
+        f.write(report.text())
+    print(report.text(), end="")
+    return report
+
+
+def main(argv=None) -> int:
+    args = argument_parser().parse_args(argv)
+    try:
+        from nfdet.config import ConfigError
+        from nfdet.export import ExportError
+
+        export(args)
+    except (ExportError, ConfigError, OSError, ValueError) as e:
+        # One line: the unsupported combination or the file/key at fault.
+        print(f"export_model.py: error: {str(e).splitlines()[0] if str(e) else repr(e)}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
