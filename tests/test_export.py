@@ -23,7 +23,8 @@ NANO_CLASSIFIER = "pretrain/nfnet_nano_shapes.yaml"
 
 
 def _load_tool():
-    spec = importlib.util.spec_from_file_location("export_model", ROOT / "tools" / "export_model.py")
+    path = ROOT / "tools" / "export_model.py"
+    spec = importlib.util.spec_from_file_location("export_model", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -102,7 +103,8 @@ def nano_detector():
 
     cfg = get_nfdet_cfg()
     # Every detection kept (random weights score low), 20 per image.
-    merge_config(cfg, resolve_config_file(NANO_DETECTOR), ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"])
+    merge_config(cfg, resolve_config_file(NANO_DETECTOR),
+                 ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"])
     torch.manual_seed(0)
     return cfg, build_detector(cfg)
 
