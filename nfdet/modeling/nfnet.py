@@ -256,7 +256,7 @@ class NFNetTrunk(nn.Module):
                         se_hidden=max(1, int(out_channels * spec.se_ratio)),
                         stride=STAGE_STRIDES[s] if b == 0 else 1,
                         alpha=spec.alpha,
-                        beta=1.0 / expected_std,
+                        beta=1.0 / expected_std,  # the std of this block's input
                         drop_path_rate=drop_path_rate * block_idx / total_blocks,
                         activation=act,
                     )
@@ -291,6 +291,8 @@ class NFNetTrunk(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.forward_stages(x)[-1]
         if self.final_conv is not None:
+            # The last stage's stream is not activated by a block: the final 1x1 conv widens it
+            # (final_multiplier x) and its activation gives the features the head pools.
             x = self.final_act(self.final_conv(x))
         return x
 
