@@ -120,11 +120,13 @@ class NFBlock(DerivedTensors):
         out = self.conv2b(self.act(out))
         out = self.conv3(self.act(out))
         # The sigmoid gate is ~0.5 at init: the x2 keeps the branch's variance.
-        out = out * (2.0 * self.se(out))
+        out = 2.0 * self.se(out) * out
         out = self.drop_path(out)
-        # skip_gain starts at 0 (the block is the identity at init), and alpha sets how fast
-        # the variance grows: Var(x + alpha * branch) = Var(x) + alpha**2.
-        return out * (self.skip_gain * self.alpha) + shortcut
+        # skip_gain starts at 0: every block is the identity at init.
+        out = out * self.skip_gain
+        # The unit-variance branch, scaled by alpha, adds alpha**2 to the stream's variance:
+        # Var(x_next) = Var(x) + alpha**2 (what the trunk's expected_std tracks).
+        return out * self.alpha + shortcut
 
     def __setstate__(self, state):
         super().__setstate__(state)
