@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -98,8 +99,8 @@ def _check_format(fmt: str) -> None:
         raise ExportError(f"--format {fmt!r}: must be one of {', '.join(FORMATS)}")
 
 
-def _drop_initializer_identities(path: str) -> None:
-    """Rewrite an ONNX file without ``Identity`` nodes that merely rename an initializer.
+def _drop_initializer_identities(proto) -> None:
+    """Remove from an ONNX model the ``Identity`` nodes that merely rename an initializer.
 
     The TorchScript-based exporter stores parameters of equal values once and reads the
     copies through ``Identity`` nodes (e.g. the all-ones gains of a fresh model);
@@ -107,11 +108,8 @@ def _drop_initializer_identities(path: str) -> None:
     the session fails to load ("... is not a graph input, initializer, or output of a
     previous node"). Reading the initializer directly computes the same.
     """
-    try:
-        import onnx
-    except ImportError:
-        raise ExportError("ONNX export needs the onnx package (pip install onnx)") from None
-    proto = onnx.load(path)
+    import onnx
+
     graph = proto.graph
     initializers = {t.name for t in graph.initializer}
     outputs = {o.name for o in graph.output}
@@ -136,7 +134,6 @@ def _drop_initializer_identities(path: str) -> None:
         g.node.extend(kept)
 
     rewire(graph)
-    onnx.save(proto, path)
 
 
 def export_traced(module: nn.Module, inputs: tuple[torch.Tensor, ...], fmt: str, path: str,
@@ -153,26 +150,43 @@ def export_traced(module: nn.Module, inputs: tuple[torch.Tensor, ...], fmt: str,
             output name.
         output_names (sequence[str] | None): ONNX output names.
     """
+    from .checkpoint import atomic_write
+
     _check_format(fmt)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    # Each file is written atomically (beside the target, then renamed): a failed export never
+    # leaves a broken file where an earlier one was.
     with torch.no_grad():
         if fmt == "torchscript":
             with warnings.catch_warnings():
                 # Shape arithmetic (SAME padding, detectron2's boxes) is traced as such.
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
                 traced = torch.jit.trace(module, inputs, check_trace=False)
-            torch.jit.save(traced, path)
+            atomic_write(path, lambda f: torch.jit.save(traced, f))
         elif fmt == "onnx":
-            input_names = [f"input{i}" for i in range(len(inputs))]
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                torch.onnx.export(module, inputs, path, dynamo=False, opset_version=ONNX_OPSET,
-                                  input_names=input_names, output_names=output_names,
-                                  dynamic_axes=dynamic_axes)
-            _drop_initializer_identities(path)
+            proto = _onnx_proto(module, inputs, dynamic_axes, output_names)
+            atomic_write(path, lambda f: f.write(proto.SerializeToString()))
         else:
             program = torch.export.export(module, inputs)
-            torch.export.save(program, path)
+            atomic_write(path, lambda f: torch.export.save(program, f))
+
+
+def _onnx_proto(module: nn.Module, inputs: tuple[torch.Tensor, ...], dynamic_axes: dict | None,
+                output_names: Sequence[str] | None):
+    """The ONNX model of ``module`` (TorchScript-based exporter), ready for onnxruntime."""
+    try:
+        import onnx
+    except ImportError:
+        raise ExportError("ONNX export needs the onnx package (pip install onnx)") from None
+    with tempfile.TemporaryDirectory() as scratch:
+        path = os.path.join(scratch, "model.onnx")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            torch.onnx.export(module, inputs, path, dynamo=False, opset_version=ONNX_OPSET,
+                              input_names=[f"input{i}" for i in range(len(inputs))],
+                              output_names=output_names, dynamic_axes=dynamic_axes)
+        proto = onnx.load(path)
+    _drop_initializer_identities(proto)
+    return proto
 
 
 def load_exported(path: str, fmt: str) -> Callable[..., list[torch.Tensor]]:

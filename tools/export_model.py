@@ -59,6 +59,7 @@ def _classifier_sample(cfg, path):
 
 def export(args: argparse.Namespace):
     """Run the export of ``args``; returns the ``ExportReport``."""
+    from nfdet.checkpoint import write_text_atomic
     from nfdet.config import resolve_config_file
 
     config_file = resolve_config_file(args.config_file)
@@ -78,8 +79,7 @@ def export(args: argparse.Namespace):
         merge_config(cfg, config_file, args.opts)
         cfg.MODEL.DEVICE = "cpu"
         report = export_detector(cfg, args.format, args.output, args.sample_image)
-    with open(os.path.join(args.output, "export_report.txt"), "w") as f:
-        f.write(report.text())
+    write_text_atomic(os.path.join(args.output, "export_report.txt"), report.text())
     print(report.text(), end="")
     return report
 
