@@ -256,6 +256,11 @@ def test_graph_captures_run_the_plain_code(capture, fused_forbidden):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
+def test_scripting_is_refused_with_a_clear_error():
+    with pytest.raises(RuntimeError, match="torch.jit.script.*trace the model instead"):
+        torch.jit.script(_nano())
+
+
 def test_onnx_export_runs_the_plain_code(tmp_path, fused_forbidden):
     import warnings
 

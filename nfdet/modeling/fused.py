@@ -24,9 +24,10 @@ It is an optimization of the plain code, not a second model: same parameters, sa
 
 One switch: ``set_enabled(False)`` (or ``with enabled(False): ...``) turns the path off for
 the process; otherwise ``applies(x, module)`` decides per call, and the plain code runs
-whenever the path does not apply: under graph captures (TorchScript tracing and scripting,
-ONNX export, ``torch.export``, FX, ``torch.compile``), on other devices, for other dtypes or
-under autocast, and for a module any of whose submodules has hooks.
+whenever the path does not apply: under graph captures (TorchScript tracing, ONNX export,
+``torch.export``, FX, ``torch.compile``; ``torch.jit.script`` refuses NF layers with an error
+saying to trace), on other devices, for other dtypes or under autocast, and for a module any of
+whose submodules has hooks.
 """
 
 from __future__ import annotations

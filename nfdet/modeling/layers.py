@@ -129,6 +129,13 @@ def standardize_weight(
     return out
 
 
+def _not_scriptable(module: nn.Module):
+    raise RuntimeError(
+        f"{type(module).__name__} cannot be compiled by torch.jit.script (nfdet's layers take "
+        "the activation from a registry and keep eval caches); trace the model instead "
+        "(torch.jit.trace, or tools/export_model.py --format torchscript)")
+
+
 class StandardizedWeight(NamedTuple):
     """A standardized weight kept for eval calls, and what it was computed from.
 
@@ -184,6 +191,9 @@ class DerivedTensors(nn.Module):
         state["_derived"] = {}
         return state
 
+    def __prepare_scriptable__(self):
+        _not_scriptable(self)
+
     def __setstate__(self, state):
         super().__setstate__(state)
         # Modules pickled by nfdet versions that kept other caches.
@@ -208,6 +218,9 @@ class GammaAct(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return get_activation(self.name).fn(x) * self.gamma
+
+    def __prepare_scriptable__(self):
+        _not_scriptable(self)
 
     def extra_repr(self) -> str:
         return f"{self.name}, gamma={self.gamma:.6f}"
