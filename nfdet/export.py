@@ -34,6 +34,7 @@ __all__ = [
     "ExportError",
     "ExportReport",
     "build_classifier",
+    "classifier_sample",
     "compare_outputs",
     "export_classifier",
     "export_traced",
@@ -310,3 +311,26 @@ def build_classifier(config_file: str, opts: Sequence[str] = ()) -> tuple[nn.Mod
                               f"{cfg.MODEL.NFNET.VARIANT}: {'; '.join(problems[:3])}{more}")
         model.load_state_dict(state)
     return model.eval(), cfg
+
+
+def classifier_sample(cfg, path: str | None = None) -> torch.Tensor:
+    """A (1, 3, S, S) classifier input, S = ``INPUT.TEST_SIZE``: the image file ``path`` (read
+    as RGB, resized bicubically, normalized with ``DATA.PIXEL_MEAN``/``PIXEL_STD``), or seeded
+    noise.
+
+    Raises:
+        ImageReadError: the file cannot be read (the message names it).
+    """
+    size = cfg.INPUT.TEST_SIZE
+    if not path:
+        return torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    import numpy as np
+    from PIL import Image
+
+    from .data.validate import read_image_rgb
+
+    image = read_image_rgb(path).resize((size, size), Image.BICUBIC)
+    x = torch.as_tensor(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
+    mean = torch.tensor(cfg.DATA.PIXEL_MEAN).view(3, 1, 1)
+    std = torch.tensor(cfg.DATA.PIXEL_STD).view(3, 1, 1)
+    return ((x - mean) / std)[None]

@@ -38,25 +38,6 @@ def argument_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _classifier_sample(cfg, path):
-    """A (1, 3, S, S) input: the image resized to INPUT.TEST_SIZE and normalized, or noise."""
-    import numpy as np
-    import torch
-
-    size = cfg.INPUT.TEST_SIZE
-    if not path:
-        return torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
-    from PIL import Image
-
-    from nfdet.data.validate import read_image_rgb
-
-    image = read_image_rgb(path).resize((size, size), Image.BICUBIC)
-    x = torch.as_tensor(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
-    mean = torch.tensor(cfg.DATA.PIXEL_MEAN).view(3, 1, 1)
-    std = torch.tensor(cfg.DATA.PIXEL_STD).view(3, 1, 1)
-    return ((x - mean) / std)[None]
-
-
 def export(args: argparse.Namespace):
     """Run the export of ``args``; returns the ``ExportReport``."""
     from nfdet.checkpoint import write_text_atomic
@@ -64,21 +45,20 @@ def export(args: argparse.Namespace):
 
     config_file = resolve_config_file(args.config_file)
     if args.model == "classifier":
-        from nfdet.export import build_classifier, export_classifier
+        from nfdet.export import build_classifier, classifier_sample, export_classifier
 
         model, cfg = build_classifier(config_file, args.opts)
-        sample = _classifier_sample(cfg, args.sample_image)
-        report = export_classifier(model, sample, args.format, args.output,
+        report = export_classifier(model, classifier_sample(cfg, args.sample_image),
+                                   args.format, args.output,
                                    name=f"classifier NFNet-{cfg.MODEL.NFNET.VARIANT}")
     else:
-        from nfdet.config import merge_config
-        from nfdet.detection.config import get_nfdet_cfg
-        from nfdet.detection.export import export_detector
+        from nfdet.detection.export import export_detector, load_detector_cfg
 
-        cfg = get_nfdet_cfg()
-        merge_config(cfg, config_file, args.opts)
-        cfg.MODEL.DEVICE = "cpu"
+        cfg = load_detector_cfg(config_file, args.opts)
         report = export_detector(cfg, args.format, args.output, args.sample_image)
+    if not cfg.MODEL.WEIGHTS:
+        report.note = "; ".join(filter(None, [report.note, "MODEL.WEIGHTS is empty: random "
+                                              "weights were exported"]))
     write_text_atomic(os.path.join(args.output, "export_report.txt"), report.text())
     print(report.text(), end="")
     return report

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -38,6 +39,7 @@ __all__ = [
     "build_detector",
     "detector_sample_image",
     "export_detector",
+    "load_detector_cfg",
     "traceable_detector",
 ]
 
@@ -48,6 +50,22 @@ UNSUPPORTED = {
     "torch_export": "torch.export cannot capture detectron2's R-CNN inference (its proposal and "
                     "detection counts are data-dependent); use --format torchscript or onnx",
 }
+
+
+def load_detector_cfg(config_file: str, opts: Sequence[str] = ()) -> CfgNode:
+    """The detector config of ``config_file`` (a path, or a name under ``configs/``) with
+    ``KEY VALUE`` overrides, on CPU (where the export runs).
+
+    Raises:
+        FileNotFoundError, ConfigError: as ``nfdet.config.merge_config``.
+    """
+    from ..config import merge_config, resolve_config_file
+    from .config import get_nfdet_cfg
+
+    cfg = get_nfdet_cfg()
+    merge_config(cfg, resolve_config_file(config_file), list(opts))
+    cfg.MODEL.DEVICE = "cpu"
+    return cfg
 
 
 def build_detector(cfg: CfgNode) -> torch.nn.Module:
