@@ -411,18 +411,20 @@ def test_spatial_mean_keeps_channels_last_gradients():
 def test_packed_eval_convolutions_match_plain_ones(monkeypatch):
     """The CPU eval path (oneDNN blocked weights, fused GELU) computes what F.conv2d does, also
     for input sizes other than the one the weights were packed for."""
-    from nfdet.modeling import layers
+    from nfdet.modeling import fused
 
-    if not layers._PACKED_CONV:
+    if not fused._PACKED_CONV:
         pytest.skip("this torch build has no oneDNN fused convolution")
     model = _nano()
     inputs = [torch.randn(2, 3, 37, 45), torch.randn(1, 3, 64, 64), torch.randn(3, 3, 33, 31)]
     with torch.no_grad():
         packed = [model(x) for x in inputs]
-    # Packed, for the last input's shape (each conv sees its own shape of it).
-    assert all(m._cache[4] is not None and m._cache[4][0][0] == 3 for m in model.modules()
-               if isinstance(m, ScaledStdConv2d))
-    monkeypatch.setattr(layers, "_PACKED_CONV", False)
+    # Packed, for the last input's shape (each conv sees its own shape of it): every conv of
+    # the stem and the blocks (the final conv is a plain module call).
+    fused_convs = [m for m in model.modules() if isinstance(m, ScaledStdConv2d)
+                   and m is not model.trunk.final_conv]
+    assert all(m._derived["packed"].input_shape[0] == 3 for m in fused_convs)
+    monkeypatch.setattr(fused, "_PACKED_CONV", False)
     model.eval()  # drop the caches
     with torch.no_grad():
         plain = [model(x) for x in inputs]
@@ -482,10 +484,10 @@ def test_eval_block_with_only_the_gains_trainable_backpropagates():
 
 
 def _workspace_modules(model):
-    from nfdet.modeling.layers import EvalWorkspace
+    from nfdet.modeling.fused import EvalWorkspace
 
-    return [m._workspace for m in model.modules() if isinstance(getattr(m, "_workspace", None),
-                                                                EvalWorkspace)]
+    return [m._derived["workspace"] for m in model.modules()
+            if isinstance(getattr(m, "_derived", {}).get("workspace"), EvalWorkspace)]
 
 
 def test_eval_workspaces_reuse_buffers_without_changing_outputs():
@@ -507,17 +509,17 @@ def test_eval_workspaces_reuse_buffers_without_changing_outputs():
             context = torch.inference_mode() if i % 2 else torch.no_grad()
             with context:
                 first = model(x)
-                buffers = {id(ws): {k: b[0].data_ptr() for k, b in ws._buffers.items()}
+                buffers = {id(ws): {k: b.tensor.data_ptr() for k, b in ws._buffers.items()}
                            for ws in _workspace_modules(model)}
                 second = model(x)
             torch.testing.assert_close(first, reference.detach(), rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(second, first, rtol=0, atol=0)
             assert any(buffers.values()), "no module used its workspace"
             # The same shape again: the same buffers, nothing reallocated.
-            assert buffers == {id(ws): {k: b[0].data_ptr() for k, b in ws._buffers.items()}
+            assert buffers == {id(ws): {k: b.tensor.data_ptr() for k, b in ws._buffers.items()}
                                for ws in _workspace_modules(model)}
     model.train()
-    assert not any(ws._buffers for ws in _workspace_modules(model))
+    assert not _workspace_modules(model)
 
 
 def test_eval_workspaces_are_safe_across_threads():
@@ -561,23 +563,30 @@ def test_eval_workspaces_start_empty_in_copies_and_pickles():
         want = model(x)
     assert any(ws._buffers for ws in _workspace_modules(model))
     for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
-        workspaces = _workspace_modules(clone)
-        assert workspaces and not any(ws._buffers for ws in workspaces)
-        assert all(a is not b for a, b in zip(workspaces, _workspace_modules(model)))
+        # No derived tensor travels: no cache, no packed weight, no workspace.
+        assert not any(getattr(m, "_derived", None) for m in clone.modules())
         with torch.no_grad():
             torch.testing.assert_close(clone(x), want, rtol=1e-4, atol=1e-5)
+        workspaces = _workspace_modules(clone)
+        assert workspaces
+        assert not {id(ws) for ws in workspaces} & {id(ws) for ws in _workspace_modules(model)}
 
 
 def test_modules_pickled_without_workspaces_still_run():
-    """Whole models pickled by nfdet versions before eval workspaces load and run."""
+    """Whole models pickled by nfdet versions before eval workspaces (and before the blocks
+    held their activation as a module) load and run."""
     import pickle
+
+    from nfdet.modeling import NFStem
 
     model = _nano()
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         want = model(x)
     for m in model.modules():
-        m.__dict__.pop("_workspace", None)  # what an older pickle holds
+        m.__dict__.pop("_derived", None)  # what an older pickle holds
+        if isinstance(m, (NFBlock, NFStem)):
+            del m._modules["act"]
     loaded = pickle.loads(pickle.dumps(model))
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), want, rtol=1e-4, atol=1e-5)
@@ -595,7 +604,84 @@ def test_eval_cache_follows_an_nchw_input_once():
         model(x)
         convs = [m for m in model.modules()
                  if isinstance(m, ScaledStdConv2d) and m.kernel_size != (1, 1)]
-        cached = [m._cache[3] for m in convs]
+        cached = [m._derived["standardized"].value for m in convs]
         assert all(w.is_contiguous() for w in cached)
         model(x)
-    assert all(m._cache[3] is w for m, w in zip(convs, cached))
+    assert all(m._derived["standardized"].value is w for m, w in zip(convs, cached))
+
+
+# ---------------------------------------------------------------------------------------------
+# Every dtype: float16 and bfloat16 models
+# ---------------------------------------------------------------------------------------------
+
+
+def test_spatial_mean_of_a_large_float16_map_is_finite():
+    """A float16 sum over a detection-size map overflows (max 65504); the mean does not."""
+    from nfdet.modeling.layers import spatial_mean
+
+    x = torch.full((1, 2, 200, 336), 1.5, dtype=torch.float16)  # sum 100800
+    out = spatial_mean(x)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out, torch.full((1, 2), 1.5, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_standardization_statistics_accumulate_in_float32(dtype):
+    """Weights whose squares overflow float16 (|w| ~ 300) standardize to the float64 result."""
+    from nfdet.modeling.layers import standardize_weight
+
+    torch.manual_seed(0)
+    w = torch.randn(4, 8, 3, 3, dtype=torch.float64) * 300.0 + 50.0
+    gain = torch.rand(4, 1, 1, 1, dtype=torch.float64) + 0.5
+    var, mean = torch.var_mean(w, dim=(1, 2, 3), keepdim=True, unbiased=False)
+    reference = (w - mean) * torch.rsqrt(torch.clamp(var * 72, min=1e-4)) * gain
+    out = standardize_weight(w.to(dtype), gain.to(dtype), 72, 1e-4, 1.0)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(out.double(), reference, rtol=8 * eps, atol=8 * eps)
+
+
+def _trunk_in_dtypes(variant: str, size: tuple[int, int]):
+    """Stage outputs of one trunk (non-zero skip gains and biases: channel means away from 0,
+    as in a trained network) in float32, float16 and bfloat16, on one input."""
+    from nfdet.modeling import NFNetTrunk, get_variant
+
+    torch.manual_seed(0)
+    trunk = NFNetTrunk(get_variant(variant), final_conv=False).eval()
+    with torch.no_grad():
+        for m in trunk.modules():
+            if isinstance(m, NFBlock):
+                m.skip_gain.uniform_(0.2, 1.0)
+            if isinstance(m, ScaledStdConv2d):
+                m.bias.uniform_(-1.0, 1.0)
+    x = torch.randn(1, 3, *size)
+    outputs = {}
+    with torch.no_grad():
+        outputs[torch.float32] = trunk.forward_stages(x)
+        for dtype in (torch.float16, torch.bfloat16):
+            copy = NFNetTrunk(get_variant(variant), final_conv=False).eval()
+            copy.load_state_dict(trunk.state_dict())
+            copy = copy.half() if dtype == torch.float16 else copy.to(dtype)
+            outputs[dtype] = copy.forward_stages(x.to(dtype))
+    return outputs
+
+
+def _assert_close_to_float32(outputs):
+    for dtype in (torch.float16, torch.bfloat16):
+        # Rounding errors of ~eps per layer, summed over the depth, stay within a few eps of
+        # the float32 features (measured: ~3 eps).
+        tolerance = 8 * torch.finfo(dtype).eps
+        for stage, (got, want) in enumerate(zip(outputs[dtype], outputs[torch.float32])):
+            assert got.dtype == dtype
+            assert torch.isfinite(got).all(), f"{dtype} res{stage + 2} is not finite"
+            error = ((got.float() - want).norm() / want.norm()).item()
+            assert error < tolerance, f"{dtype} res{stage + 2}: {error:.2e} >= {tolerance:.2e}"
+
+
+def test_half_precision_nano_trunk_at_detection_size():
+    _assert_close_to_float32(_trunk_in_dtypes("nano", (800, 1344)))
+
+
+@pytest.mark.slow  # float16 convolutions on CPU: about a minute for F0 at this size
+def test_half_precision_f0_trunk_at_detection_size():
+    _assert_close_to_float32(_trunk_in_dtypes("F0", (800, 1344)))

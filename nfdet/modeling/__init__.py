@@ -1,11 +1,18 @@
-"""NFNet models: the variant table, NF layers, the shared trunk and the classifier."""
+"""NFNet models: the variant table, the activation registry, NF layers, the shared trunk and the
+classifier (``fused`` holds the CPU float32 fast path of the block and stem)."""
 
-from .layers import ACTIVATION_GAMMA, GammaAct, ScaledStdConv2d, SqueezeExcite, StochasticDepth
+from . import fused
+from .activations import ACTIVATION_GAMMA, ACTIVATIONS, Activation, get_activation
+from .layers import GammaAct, ScaledStdConv2d, SqueezeExcite, StochasticDepth
 from .nfnet import STAGE_NAMES, NFBlock, NFNet, NFNetTrunk, NFStem, build_nfnet
 from .variants import NFNET_VARIANTS, NFNetSpec, canonical_name, get_variant
 
 __all__ = [
+    "ACTIVATIONS",
     "ACTIVATION_GAMMA",
+    "Activation",
+    "get_activation",
+    "fused",
     "GammaAct",
     "ScaledStdConv2d",
     "SqueezeExcite",

@@ -12,17 +12,17 @@ Differences from the official implementation (DeepMind, JAX/Haiku):
 from __future__ import annotations
 
 import torch
+import torch.fx
 from torch import nn
 
+from . import fused
+from .activations import get_activation
 from .layers import (
-    ACTIVATION_GAMMA,
-    EvalWorkspace,
+    DerivedTensors,
     GammaAct,
     ScaledStdConv2d,
     SqueezeExcite,
     StochasticDepth,
-    activation_fn,
-    activation_into,
     spatial_mean,
 )
 from .variants import NFNetSpec, get_variant
@@ -33,22 +33,22 @@ STAGE_NAMES = ("res2", "res3", "res4", "res5")
 STAGE_STRIDES = (1, 2, 2, 2)
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 
+# FX graphs call these functions instead of tracing into their shape and device logic.
+torch.fx.wrap("spatial_mean")
 
-class NFBlock(nn.Module):
-    """Normalizer-free bottleneck block.
 
-    ``out = act(x) * beta``; the branch is 1x1 -> grouped 3x3 (stride) -> grouped 3x3 -> 1x1,
-    squeeze-excite (gate x 2), stochastic depth and a scalar ``skip_gain`` (init 0); the result is
-    ``branch * alpha + shortcut``. The shortcut is ``x``, or a 1x1 conv of ``act(x) * beta``
-    (after a 2x2 average pool when strided) when the shape changes.
+class NFBlock(DerivedTensors):
+    """Normalizer-free bottleneck block (docs/reference.md, "Architecture").
 
-    The scalar multiplications cost no pass over the activations: gamma and beta are folded into
-    the following convolutions (``ScaledStdConv2d.input_gain``), and ``2 * skip_gain * alpha``
-    and stochastic depth into the squeeze-excite gate, which is applied together with the
-    residual addition (one ``addcmul``). Without autograd that addition is written into
-    conv3's output buffer (a forward hook on ``conv3`` that keeps the output sees it change), and
-    on CPU ``act(x)`` goes into a buffer the block reuses between calls (``EvalWorkspace``: a
-    hook on ``conv1`` that keeps its input must clone it).
+    ``out = act(x) * beta``; the branch is 1x1 -> act -> grouped 3x3 (stride) -> act -> grouped
+    3x3 -> act -> 1x1, squeeze-excite (gate x 2), stochastic depth and a scalar ``skip_gain``
+    (init 0); the result is ``branch * alpha + shortcut``. The shortcut is ``x``, or a 1x1 conv
+    of ``act(x) * beta`` (after a 2x2 average pool when strided) when the shape changes.
+
+    ``forward`` is that formulation, step by step. On CPU in float32 the same function runs
+    through ``fused.block_forward`` (gamma and beta folded into the convs, activations fused,
+    packed eval weights, reused buffers), unless the fused path steps aside (``fused.applies``:
+    graph captures, other devices and dtypes, autocast, hooks on the block's modules).
 
     Args:
         in_channels (int): input channels.
@@ -60,7 +60,7 @@ class NFBlock(nn.Module):
         alpha (float): residual branch scale.
         beta (float): 1 / expected std of the input.
         drop_path_rate (float): stochastic depth rate.
-        activation (str): gamma-scaled nonlinearity name.
+        activation (str): a key of the activation registry.
     """
 
     def __init__(
@@ -77,14 +77,15 @@ class NFBlock(nn.Module):
         activation: str = "gelu",
     ):
         super().__init__()
+        get_activation(activation)  # an unknown name fails here, naming it
         self.alpha = alpha
         self.beta = beta
         self.stride = stride
         self.activation = activation
         groups = bottleneck_channels // group_size
-        self._act = activation_fn(activation)
-        gamma = ACTIVATION_GAMMA[activation]
+        self.act = GammaAct(activation)
         if stride > 1:
+            # SAME average pooling: a border window averages only its valid inputs.
             self.pool = nn.AvgPool2d(2, stride=2, ceil_mode=True, count_include_pad=False)
         else:
             self.pool = None
@@ -101,62 +102,36 @@ class NFBlock(nn.Module):
         self.se = SqueezeExcite(out_channels, se_hidden)
         self.drop_path = StochasticDepth(drop_path_rate)
         self.skip_gain = nn.Parameter(torch.zeros(()))
-        # Every conv reads an activation: its gamma (and the block input's beta) is folded in.
-        for conv in (self.conv1, self.shortcut):
-            if conv is not None:
-                conv.input_gain = gamma * beta
-        for conv in (self.conv2, self.conv2b, self.conv3):
-            conv.input_gain = gamma
-        # conv1, conv2 and conv2b apply the activation themselves (fused in eval on CPU).
-        for conv in (self.conv1, self.conv2, self.conv2b):
-            conv.activation = activation
-        # Without autograd on CPU, act(x) goes into a reused buffer (see EvalWorkspace).
-        self._workspace = EvalWorkspace()
 
-    def _entry(self, x: torch.Tensor, act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The shortcut and conv1's output, both from ``act = act(x)``."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused.applies(x, self):
+            return fused.block_forward(self, x)
+        # x has std ~expected_std (the trunk's bookkeeping): beta = 1 / expected_std brings it
+        # back to unit variance, and act(.) * gamma keeps unit variance for unit-variance input.
+        out = self.act(x) * self.beta
         shortcut = x
         if self.shortcut is not None:
-            # Average-pool downsampling (SAME: count only valid inputs), then a 1x1 projection.
-            shortcut = self.shortcut(self.pool(act) if self.pool is not None else act)
-        return shortcut, self.conv1(act)
-
-    def train(self, mode: bool = True):
-        self._workspace.clear()
-        return super().train(mode)
+            # A transition block re-projects the normalized activations (average pool first
+            # when strided): its output starts a stream of unit variance again.
+            shortcut = self.shortcut(self.pool(out) if self.pool is not None else out)
+        # Weight-standardized convs preserve unit variance; gamma-scaled activations too.
+        out = self.conv1(out)
+        out = self.conv2(self.act(out))
+        out = self.conv2b(self.act(out))
+        out = self.conv3(self.act(out))
+        # The sigmoid gate is ~0.5 at init: the x2 keeps the branch's variance.
+        out = 2.0 * self.se(out) * out
+        out = self.drop_path(out)
+        # skip_gain starts at 0: every block is the identity at init.
+        out = out * self.skip_gain
+        # The unit-variance branch, scaled by alpha, adds alpha**2 to the stream's variance:
+        # Var(x_next) = Var(x) + alpha**2 (what the trunk's expected_std tracks).
+        return out * self.alpha + shortcut
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        # Modules pickled by nfdet versions without eval workspaces.
-        self.__dict__.setdefault("_workspace", EvalWorkspace())
-
-    def _apply(self, fn, *args, **kwargs):
-        self._workspace.clear()
-        return super()._apply(fn, *args, **kwargs)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # act(x): its gamma and beta live in the convs' input_gain.
-        workspace = self._workspace
-        if x.dim() == 4 and EvalWorkspace.applies(x) and workspace.try_acquire():
-            try:
-                act = activation_into(self.activation, x, workspace.buffer("act", x.shape, x))
-                shortcut, out = self._entry(x, act)
-            finally:
-                workspace.release()
-        else:
-            shortcut, out = self._entry(x, self._act(x))
-        out = self.conv3(self.conv2b(self.conv2(out)))
-        # The x2 restores the variance halved by a sigmoid gate of ~0.5 at init. The gate is
-        # (batch, channels, 1, 1): scaling it is free, and stochastic depth drops a sample's
-        # branch by zeroing its gate.
-        gate = self.se(out) * (self.skip_gain * (2.0 * self.alpha))
-        gate = self.drop_path(gate)
-        if not (torch.is_grad_enabled()
-                and (out.requires_grad or shortcut.requires_grad or gate.requires_grad)):
-            # Without autograd, write into conv3's output: a fresh activation-sized buffer costs
-            # page faults on CPU (measured: 26 ms for one 19 MB output in a 300 ms forward).
-            return torch.addcmul(shortcut, out, gate, out=out)
-        return torch.addcmul(shortcut, out, gate)
+        if "act" not in self._modules:  # pickled by nfdet versions that folded every gamma
+            self._modules["act"] = GammaAct(self.activation)
 
     def extra_repr(self) -> str:
         return (
@@ -165,25 +140,55 @@ class NFBlock(nn.Module):
 
 
 class NFStem(nn.Module):
-    """Deep stem, stride 4: 3x3/2 -> act -> 3x3 -> act -> 3x3 -> act -> 3x3/2 (no final act)."""
+    """Deep stem, stride 4 (docs/reference.md, "Architecture"): 3x3/2 -> act -> 3x3 -> act ->
+    3x3 -> act -> 3x3/2, no activation after the last conv (every block activates its input).
+
+    Args:
+        in_channels (int): image channels.
+        widths (tuple[int, int, int, int]): output channels of the four convs.
+        activation (str): a key of the activation registry.
+    """
 
     def __init__(self, in_channels: int, widths: tuple[int, ...], activation: str = "gelu"):
         super().__init__()
         c1, c2, c3, c4 = widths
+        self.activation = activation
+        self.act = GammaAct(activation)
         self.conv1 = ScaledStdConv2d(in_channels, c1, 3, stride=2)
         self.conv2 = ScaledStdConv2d(c1, c2, 3)
         self.conv3 = ScaledStdConv2d(c2, c3, 3)
         self.conv4 = ScaledStdConv2d(c3, c4, 3, stride=2)
-        self.activation = activation
-        for conv in (self.conv1, self.conv2, self.conv3):
-            conv.activation = activation  # without gamma: the next conv's input_gain has it
-        for conv in (self.conv2, self.conv3, self.conv4):
-            conv.input_gain = ACTIVATION_GAMMA[activation]
         self.out_channels = c4
         self.stride = 4
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv4(self.conv3(self.conv2(self.conv1(x))))
+        if fused.applies(x, self):
+            return fused.stem_forward(self, x)
+        x = self.act(self.conv1(x))
+        x = self.act(self.conv2(x))
+        x = self.act(self.conv3(x))
+        return self.conv4(x)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if "act" not in self._modules:  # pickled by nfdet versions that folded every gamma
+            self._modules["act"] = GammaAct(self.activation)
+
+
+@torch.fx.wrap
+def to_memory_format(x: torch.Tensor, memory_format: str) -> torch.Tensor:
+    """``x`` in the trunk's layout: ``memory_format`` "auto" (channels_last on CPU, the input's
+    own layout elsewhere), "channels_last" or "contiguous"."""
+    if memory_format == "auto":
+        channels_last = x.device.type == "cpu"
+    else:
+        channels_last = memory_format == "channels_last"
+    if channels_last and x.dim() == 4:
+        # Convolutions follow their input's layout, and so does everything after them.
+        return x.contiguous(memory_format=torch.channels_last)
+    if memory_format == "contiguous":
+        return x.contiguous()
+    return x
 
 
 class NFNetTrunk(nn.Module):
@@ -253,7 +258,7 @@ class NFNetTrunk(nn.Module):
                         se_hidden=max(1, int(out_channels * spec.se_ratio)),
                         stride=STAGE_STRIDES[s] if b == 0 else 1,
                         alpha=spec.alpha,
-                        beta=1.0 / expected_std,
+                        beta=1.0 / expected_std,  # the std of this block's input
                         drop_path_rate=drop_path_rate * block_idx / total_blocks,
                         activation=act,
                     )
@@ -276,21 +281,9 @@ class NFNetTrunk(nn.Module):
             self.final_conv = None
             self.final_act = None
 
-    def _format_input(self, x: torch.Tensor) -> torch.Tensor:
-        if self.memory_format == "auto":
-            channels_last = x.device.type == "cpu"
-        else:
-            channels_last = self.memory_format == "channels_last"
-        if channels_last and x.dim() == 4:
-            # Convolutions follow their input's layout, and so does everything after them.
-            return x.contiguous(memory_format=torch.channels_last)
-        if self.memory_format == "contiguous":
-            return x.contiguous()
-        return x
-
     def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Return the output of every built stage (pre-activation residual streams)."""
-        x = self.stem(self._format_input(x))
+        x = self.stem(to_memory_format(x, self.memory_format))
         outs = []
         for stage in self.stages:
             x = stage(x)
@@ -300,6 +293,8 @@ class NFNetTrunk(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.forward_stages(x)[-1]
         if self.final_conv is not None:
+            # The last stage's stream is not activated by a block: the final 1x1 conv widens it
+            # (final_multiplier x) and its activation gives the features the head pools.
             x = self.final_act(self.final_conv(x))
         return x
 

@@ -122,8 +122,8 @@ def signal_propagation(
     handles = []
     for i, (_, _, block) in enumerate(blocks):
 
-        # The block never materialises its scaled branch (the gate multiplies inside the
-        # residual addition): rebuild it from conv3's output and the squeeze-excite gate.
+        # The branch before skip_gain * alpha is no module's output: rebuild it from conv3's
+        # output and the squeeze-excite gate (with hooks, blocks run their plain code).
         def on_conv3(_module, _args, out, i=i):
             records.setdefault(i, {})["_conv3"] = out
 
