@@ -72,6 +72,8 @@ def add_nfnet_config(cfg: CN) -> None:
     # is not built.
     cfg.MODEL.NFNET.RES5_FINAL_CONV = True
     add_agc_config(cfg)
+    # Log per-stage training statistics (nfdet.solver.stats) every N iterations; 0: never.
+    cfg.SOLVER.STATS_PERIOD = 20
 
 
 def resolve_config_file(name: str, configs_dir: str | os.PathLike | None = None) -> str:

@@ -40,6 +40,7 @@ from ..solver import build_optimizer, get_agc_stats
 from . import data as nfdet_data
 from .checkpoint import NFNetCheckpointer
 from .data import _MODEL_STREAM, ResumableTrainLoader, build_resumable_train_loader, derive_seed
+from .hooks import TrainingStatsHook
 
 __all__ = [
     "NFNetTrainer",
@@ -167,6 +168,8 @@ class NFNetTrainer(DefaultTrainer):
         if index is None:  # processes other than the main one save nothing
             index = next(i for i, h in enumerate(ret) if isinstance(h, hooks.LRScheduler)) + 1
         ret.insert(index, AGCStatsHook())
+        if self.cfg.SOLVER.STATS_PERIOD > 0:  # per-stage statistics (docs/small_batch.md)
+            ret.insert(index, TrainingStatsHook(self.cfg.SOLVER.STATS_PERIOD))
         writers = getattr(self, "_writers", None)
         if writers and comm.is_main_process():
             period = self.cfg.SOLVER.CHECKPOINT_PERIOD
