@@ -44,6 +44,9 @@ def add_agc_config(cfg: CN) -> None:
     cfg.SOLVER.AGC.ENABLED = True
     # max ||G_i|| = CLIPPING * max(||W_i||, EPS), per output unit i.
     cfg.SOLVER.AGC.CLIPPING = 0.01
+    # > 0: CLIPPING is the value at this batch size and a run clips with
+    # CLIPPING * sqrt(REFERENCE_BATCH_SIZE / batch) (nfdet.solver.clipping); 0: CLIPPING as given.
+    cfg.SOLVER.AGC.REFERENCE_BATCH_SIZE = 0
     cfg.SOLVER.AGC.EPS = 1e-3
     # Parameters are clipped when their name matches one of INCLUDE and none of EXCLUDE
     # (fnmatch patterns on the parameter name, a DDP "module." prefix removed).

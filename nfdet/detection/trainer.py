@@ -37,6 +37,7 @@ from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter
 
 from ..solver import build_optimizer, get_agc_stats
+from ..solver.clipping import resolve_agc_clipping
 from . import data as nfdet_data
 from .checkpoint import NFNetCheckpointer
 from .data import _MODEL_STREAM, ResumableTrainLoader, build_resumable_train_loader, derive_seed
@@ -126,7 +127,13 @@ class NFNetTrainer(DefaultTrainer):
 
     @classmethod
     def build_optimizer(cls, cfg, model):
-        return build_optimizer(cfg, model)
+        # SOLVER.AGC.REFERENCE_BATCH_SIZE > 0: clipping from the batch size (docs/small_batch.md).
+        resolved = resolve_agc_clipping(cfg, cfg.SOLVER.IMS_PER_BATCH)
+        if resolved is not cfg and cfg.SOLVER.AGC.ENABLED:
+            logger.info("AGC clipping %.4g at batch %d (%.4g at batch %d)",
+                        resolved.SOLVER.AGC.CLIPPING, cfg.SOLVER.IMS_PER_BATCH,
+                        cfg.SOLVER.AGC.CLIPPING, cfg.SOLVER.AGC.REFERENCE_BATCH_SIZE)
+        return build_optimizer(resolved, model)
 
     @classmethod
     def build_train_loader(cls, cfg):
