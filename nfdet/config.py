@@ -44,6 +44,9 @@ def add_agc_config(cfg: CN) -> None:
     cfg.SOLVER.AGC.ENABLED = True
     # max ||G_i|| = CLIPPING * max(||W_i||, EPS), per output unit i.
     cfg.SOLVER.AGC.CLIPPING = 0.01
+    # > 0: CLIPPING is the value at this batch size and a run clips with
+    # CLIPPING * sqrt(REFERENCE_BATCH_SIZE / batch) (nfdet.solver.clipping); 0: CLIPPING as given.
+    cfg.SOLVER.AGC.REFERENCE_BATCH_SIZE = 0
     cfg.SOLVER.AGC.EPS = 1e-3
     # Parameters are clipped when their name matches one of INCLUDE and none of EXCLUDE
     # (fnmatch patterns on the parameter name, a DDP "module." prefix removed).
@@ -72,6 +75,8 @@ def add_nfnet_config(cfg: CN) -> None:
     # is not built.
     cfg.MODEL.NFNET.RES5_FINAL_CONV = True
     add_agc_config(cfg)
+    # Log per-stage training statistics (nfdet.solver.stats) every N iterations; 0: never.
+    cfg.SOLVER.STATS_PERIOD = 20
 
 
 def resolve_config_file(name: str, configs_dir: str | os.PathLike | None = None) -> str:

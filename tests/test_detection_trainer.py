@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
@@ -32,8 +33,14 @@ def test_optimizer_clips_the_backbone_only():
         target = clipped if group["agc_clipping"] is not None else unclipped
         target.update(names[id(p)] for p in group["params"])
         if group["agc_clipping"] is not None:
-            assert group["agc_clipping"] == cfg.SOLVER.AGC.CLIPPING
-    assert clipped == {n for n in names.values() if n.startswith("backbone.bottom_up.")}
+            # The clipping of the batch: CLIPPING at REFERENCE_BATCH_SIZE, scaled by sqrt.
+            assert group["agc_clipping"] == pytest.approx(
+                cfg.SOLVER.AGC.CLIPPING
+                * (cfg.SOLVER.AGC.REFERENCE_BATCH_SIZE / cfg.SOLVER.IMS_PER_BATCH) ** 0.5)
+    # The NF backbone, except its zero-initialised skip gains (docs/small_batch.md).
+    assert clipped == {n for n in names.values()
+                       if n.startswith("backbone.bottom_up.") and not n.endswith("skip_gain")}
+    assert any(n.endswith("skip_gain") for n in unclipped)
     assert "roi_heads.box_predictor.cls_score.weight" in unclipped
     assert "backbone.fpn_lateral2.weight" in unclipped
     assert clipped | unclipped == set(names.values())

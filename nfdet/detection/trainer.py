@@ -35,8 +35,10 @@ from detectron2.utils.events import CommonMetricPrinter
 
 from ..seed import seed_all
 from ..solver import build_optimizer, get_agc_stats
+from ..solver.clipping import resolve_agc_clipping
 from . import loader as nfdet_loader
 from .checkpoint import NFNetCheckpointer
+from .hooks import TrainingStatsHook
 from .loader import MODEL_STREAM, ResumableTrainLoader, build_resumable_train_loader, derive_seed
 
 __all__ = [
@@ -116,7 +118,13 @@ class NFNetTrainer(DefaultTrainer):
 
     @classmethod
     def build_optimizer(cls, cfg, model):
-        return build_optimizer(cfg, model)
+        # SOLVER.AGC.REFERENCE_BATCH_SIZE > 0: clipping from the batch size (docs/small_batch.md).
+        resolved = resolve_agc_clipping(cfg, cfg.SOLVER.IMS_PER_BATCH)
+        if resolved is not cfg and cfg.SOLVER.AGC.ENABLED:
+            logger.info("AGC clipping %.4g at batch %d (%.4g at batch %d)",
+                        resolved.SOLVER.AGC.CLIPPING, cfg.SOLVER.IMS_PER_BATCH,
+                        cfg.SOLVER.AGC.CLIPPING, cfg.SOLVER.AGC.REFERENCE_BATCH_SIZE)
+        return build_optimizer(resolved, model)
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -158,6 +166,8 @@ class NFNetTrainer(DefaultTrainer):
         if index is None:  # processes other than the main one save nothing
             index = next(i for i, h in enumerate(ret) if isinstance(h, hooks.LRScheduler)) + 1
         ret.insert(index, AGCStatsHook())
+        if self.cfg.SOLVER.STATS_PERIOD > 0:  # per-stage statistics (docs/small_batch.md)
+            ret.insert(index, TrainingStatsHook(self.cfg.SOLVER.STATS_PERIOD))
         writers = getattr(self, "_writers", None)
         if writers and comm.is_main_process():
             period = self.cfg.SOLVER.CHECKPOINT_PERIOD
