@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["clip_grad_agc_", "with_agc", "get_agc_stats", "AGCOptimizerMixin"]
+__all__ = ["clip_grad_agc_", "with_agc", "get_agc_stats", "agc_units", "AGCOptimizerMixin"]
 
 # Floor of the gradient norm in the rescaling factor (DeepMind's value).
 _GRAD_NORM_FLOOR = 1e-6
@@ -42,8 +42,8 @@ def _num_units(t: torch.Tensor) -> int:
     return t.shape[0]
 
 
-def _unit_view(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as a (units, fan) matrix (see ``_num_units``)."""
+def agc_units(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a (units, fan) matrix by DeepMind's rule (see ``_num_units``)."""
     if _num_units(t) > 1:
         if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(
                 memory_format=torch.channels_last):
@@ -97,10 +97,10 @@ def _agc_(
             )
         else:
             if len(ps) == 1:
-                g, w = _unit_view(ps[0].grad), _unit_view(ps[0].detach())
+                g, w = agc_units(ps[0].grad), agc_units(ps[0].detach())
             else:
-                g = torch.cat([_unit_view(p.grad) for p in ps])
-                w = torch.cat([_unit_view(p.detach()) for p in ps])
+                g = torch.cat([agc_units(p.grad) for p in ps])
+                w = torch.cat([agc_units(p.detach()) for p in ps])
             grad_norms = torch.linalg.vector_norm(g, dim=1, dtype=ndtype)
             param_norms = torch.linalg.vector_norm(w, dim=1, dtype=ndtype)
         entry = per_device[(device, gdtype)]

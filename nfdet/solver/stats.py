@@ -39,7 +39,9 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-__all__ = ["TrainingStats", "param_group_name", "stage_modules", "agc_units"]
+from .agc import agc_units
+
+__all__ = ["TrainingStats", "param_group_name", "stage_modules"]
 
 # (pattern on a parameter name without "module.", group); the first match wins.
 _GROUP_PATTERNS = (
@@ -94,13 +96,6 @@ def stage_modules(model: nn.Module) -> dict[str, nn.Module]:
                 found.setdefault(_stage_name(match, fixed), module)
                 break
     return found
-
-
-def agc_units(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as a (units, fan) matrix by DeepMind's rule (see the module docstring)."""
-    if sum(1 for s in t.shape if s != 1) <= 1:
-        return t.reshape(1, -1)
-    return t.reshape(t.shape[0], -1)
 
 
 def _rms(t: torch.Tensor) -> float:
