@@ -1,4 +1,5 @@
-"""Signal propagation at initialisation (nfdet.modeling.spp and tools/signal_propagation.py)."""
+"""Signal propagation at initialisation (nfdet.modeling.signal_propagation and
+tools/signal_propagation.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 from nfdet.modeling import NFBlock, build_nfnet
-from nfdet.modeling.spp import format_spp_table, plot_spp, signal_propagation
+from nfdet.modeling.signal_propagation import format_spp_table, plot_spp, signal_propagation
 
 REPO = Path(__file__).resolve().parents[1]
 ALPHA = 0.2
@@ -24,8 +25,9 @@ def f0():
 
 def test_variance_reset_at_every_stage_start(f0):
     """With active branches and a variance-preserving transition (strided subsampling in place of
-    the shortcut average pool, see nfdet.modeling.spp), the stream variance is ~1 + alpha**2
-    after the first block of every stage (the reset) and grows by ~alpha**2 per block."""
+    the shortcut average pool, see nfdet.modeling.signal_propagation), the stream variance is
+    ~1 + alpha**2 after the first block of every stage (the reset) and grows by ~alpha**2 per
+    block."""
     # 224 px: at small sizes SAME zero padding pulls the variance of the 7x7 res5 maps down.
     signals = signal_propagation(f0, size=224, batch_size=1, shortcut_pool="subsample")
     starts = [r for r in signals if r.index == 0]
@@ -48,7 +50,8 @@ def test_variance_reset_at_every_stage_start(f0):
 
 def test_average_pool_shortcut_on_white_noise(f0):
     """The model as built: no explosion; the first stage starts at unit variance and each stride-2
-    average pool lowers the variance of spatially uncorrelated input (documented in spp.py)."""
+    average pool lowers the variance of spatially uncorrelated input (documented in
+    nfdet/modeling/signal_propagation.py)."""
     signals = signal_propagation(f0, size=96, batch_size=2)
     starts = [r for r in signals if r.index == 0]
     assert abs(starts[0].variance - (1 + ALPHA**2)) < 0.15

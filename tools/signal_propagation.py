@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Signal propagation plot of an NFNet at initialisation on unit Gaussian input: per residual
 block, the average channel squared mean and variance of the residual stream (printed as a table
-and drawn as a PNG). See ``nfdet/modeling/spp.py`` for the choices behind the options.
+and drawn as a PNG). See ``nfdet/modeling/signal_propagation.py`` for the choices behind the options.
 
 Example:
     python tools/signal_propagation.py --variant F0 --out spp.png
@@ -15,7 +15,7 @@ import argparse
 import torch
 
 from nfdet.modeling import build_nfnet
-from nfdet.modeling.spp import format_spp_table, plot_spp, signal_propagation
+from nfdet.modeling.signal_propagation import format_spp_table, plot_spp, signal_propagation
 
 
 def main(argv: list[str] | None = None) -> None:

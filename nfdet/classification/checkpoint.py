@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from nfdet.checkpoint import (
+from ..checkpoint import (
     CheckpointFormatError,
     load_torch_checkpoint,
     save_checkpoint,

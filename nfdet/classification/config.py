@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from fvcore.common.config import CfgNode as CN
 
-from nfdet.config import ConfigError, add_nfnet_config, merge_config, resolve_config_file
+from ..config import ConfigError, add_nfnet_config, merge_config, resolve_config_file
 
 __all__ = [
     "get_pretrain_cfg",

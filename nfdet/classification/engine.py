@@ -23,23 +23,21 @@ import json
 import logging
 import math
 import os
-import random
 import sys
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from nfdet.checkpoint import CheckpointFormatError
-from nfdet.modeling import build_nfnet, canonical_name
-from nfdet.solver import build_optimizer, get_agc_stats
-
+from ..checkpoint import CheckpointFormatError
+from ..modeling import build_nfnet, canonical_name
+from ..seed import seed_all
+from ..solver import build_optimizer, get_agc_stats
 from .checkpoint import (
     find_last_checkpoint,
     get_rng_state,
@@ -74,12 +72,6 @@ def get_world_size() -> int:
 
 def get_rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def _variant_note(ckpt: dict, variant: str) -> str:
@@ -178,7 +170,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, mean: torch.Tensor,
 
 def export_backbone(model: nn.Module, path: str, meta: dict[str, Any]) -> None:
     """Write an nfdet checkpoint ``{"model": classifier state dict, "meta": meta}`` atomically."""
-    from nfdet.checkpoint import save_checkpoint
+    from ..checkpoint import save_checkpoint
 
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     save_checkpoint({"model": state, "meta": dict(meta)}, path)
@@ -235,14 +227,14 @@ class PretrainTrainer:
         self.variant = canonical_name(cfg.MODEL.NFNET.VARIANT)
 
         # Same init on every process (DDP also broadcasts rank 0's weights).
-        _seed_all(self.seed)
+        seed_all(self.seed)
         self.model = build_pretrain_model(cfg).to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if cfg.MODEL.WEIGHTS:
             self._load_initial_weights(cfg.MODEL.WEIGHTS)
         # Per-process streams for dropout / stochastic depth.
-        _seed_all(self.seed + 1 + self.rank)
+        seed_all(self.seed + 1 + self.rank)
 
         opt_cfg = cfg.clone()
         opt_cfg.defrost()
@@ -375,7 +367,7 @@ class PretrainTrainer:
         else:
             logger.warning("Checkpoint from %s processes, now %d: RNG streams re-seeded",
                            ckpt.get("world_size"), self.world_size)
-            _seed_all(self.seed + 1 + self.rank + 7919 * self.step)
+            seed_all(self.seed + 1 + self.rank + 7919 * self.step)
         self.last_checkpoint = path
         logger.info("Resumed from %s at step %d (epoch %d)", path, self.step,
                     self.step // self.steps_per_epoch)
