@@ -16,8 +16,8 @@ skip gain to 1 for the measurement by default (``skip_gain=1.0``; restored after
 Average-pool shortcuts: NFNets downsample the transition shortcut with a 2x2 average pool (the
 ResNet-D shortcut), while the NF-ResNets of the SPP paper used a strided 1x1 conv. On a unit
 Gaussian input the features are nearly uncorrelated across space, so the pool divides the variance
-of the shortcut by ~4 at every stride-2 transition (measured on F0 at 224 px: 0.99 after res2.0,
-0.28 after res3.0, 0.064 after res4.0, 0.011 after res5.0). That is a property of white-noise
+of the shortcut by ~4 at every stride-2 transition (tests/test_signal_propagation.py checks it on
+F0). That is a property of white-noise
 input, not of the ``beta`` bookkeeping, which assumes spatially correlated signals such as natural
 images. ``shortcut_pool="subsample"`` replaces the pool by strided subsampling (2x2 stride 2 taking
 the top-left element; same output size) during the measurement, which shows the designed
@@ -26,6 +26,8 @@ behaviour: ~1 + alpha**2 after the first block of every stage, + alpha**2 per bl
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +75,75 @@ def _channel_stats(x: torch.Tensor) -> tuple[float, float]:
     return float((mean**2).mean()), float(var.mean())
 
 
+def _gaussian_input(trunk: NFNetTrunk, inputs: torch.Tensor | None, size: int,
+                    batch_size: int, seed: int) -> torch.Tensor:
+    """``inputs``, or a seeded unit Gaussian batch, on the trunk's device and dtype."""
+    param = next(trunk.parameters())
+    if inputs is None:
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        inputs = torch.randn(batch_size, trunk.stem.conv1.in_channels, size, size, generator=gen)
+    return inputs.to(device=param.device, dtype=param.dtype)
+
+
+def _nf_blocks(trunk: NFNetTrunk) -> list[tuple[int, int, NFBlock]]:
+    """(stage index, block index, block) of every residual block, in forward order."""
+    return [(s, b, block)
+            for s, stage in enumerate(trunk.stages)
+            for b, block in enumerate(stage)
+            if isinstance(block, NFBlock)]
+
+
+@contextmanager
+def _recording(blocks: list[tuple[int, int, NFBlock]]) -> Iterator[dict[int, dict[str, float]]]:
+    """Hooks that fill ``records[i]`` with the stream and branch statistics of block ``i``."""
+    records: dict[int, dict[str, float]] = {}
+    handles = []
+    for i, (_, _, block) in enumerate(blocks):
+
+        # The branch before skip_gain * alpha is no module's output: rebuild it from conv3's
+        # output and the squeeze-excite gate (with hooks, blocks run their plain code).
+        def on_conv3(_module, _args, out, i=i):
+            records.setdefault(i, {})["_conv3"] = out
+
+        def on_gate(_module, _args, gate, i=i):
+            branch = records[i].pop("_conv3") * (2.0 * gate)
+            records[i]["residual_variance"] = _channel_stats(branch)[1]
+
+        def on_block(_module, _args, out, i=i):
+            sq, var = _channel_stats(out)
+            records.setdefault(i, {}).update(squared_mean=sq, variance=var)
+
+        handles.append(block.conv3.register_forward_hook(on_conv3))
+        handles.append(block.se.register_forward_hook(on_gate))
+        handles.append(block.register_forward_hook(on_block))
+    try:
+        yield records
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def _measurement_setup(trunk: NFNetTrunk, blocks: list[tuple[int, int, NFBlock]],
+                       skip_gain: float | None, shortcut_pool: str) -> Iterator[None]:
+    """Eval mode, the measured skip gains and shortcut pools; the model as it was afterwards."""
+    was_training = trunk.training
+    saved = [(block.skip_gain.detach().clone(), block.pool) for _, _, block in blocks]
+    try:
+        trunk.eval()
+        for _, _, block in blocks:
+            if shortcut_pool == "subsample" and block.pool is not None:
+                block.pool = _Subsample()
+            if skip_gain is not None:
+                block.skip_gain.fill_(skip_gain)
+        yield
+    finally:
+        for (_, _, block), (value, pool) in zip(blocks, saved):
+            block.skip_gain.copy_(value)
+            block.pool = pool
+        trunk.train(was_training)
+
+
 @torch.no_grad()
 def signal_propagation(
     model: nn.Module,
@@ -106,73 +177,17 @@ def signal_propagation(
         raise TypeError(f"expected an NFNet or NFNetTrunk, got {type(model).__name__}")
     if shortcut_pool not in ("avg", "subsample"):
         raise ValueError(f"shortcut_pool must be 'avg' or 'subsample', got {shortcut_pool!r}")
-    param = next(trunk.parameters())
-    if inputs is None:
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        inputs = torch.randn(batch_size, trunk.stem.conv1.in_channels, size, size, generator=gen)
-    inputs = inputs.to(device=param.device, dtype=param.dtype)
-
-    blocks: list[tuple[int, int, NFBlock]] = [
-        (s, b, block)
-        for s, stage in enumerate(trunk.stages)
-        for b, block in enumerate(stage)
-        if isinstance(block, NFBlock)
-    ]
-    records: dict[int, dict[str, float]] = {}
-    handles = []
-    for i, (_, _, block) in enumerate(blocks):
-
-        # The branch before skip_gain * alpha is no module's output: rebuild it from conv3's
-        # output and the squeeze-excite gate (with hooks, blocks run their plain code).
-        def on_conv3(_module, _args, out, i=i):
-            records.setdefault(i, {})["_conv3"] = out
-
-        def on_gate(_module, _args, gate, i=i):
-            branch = records[i].pop("_conv3") * (2.0 * gate)
-            records[i]["residual_variance"] = _channel_stats(branch)[1]
-
-        def on_block(_module, _args, out, i=i):
-            sq, var = _channel_stats(out)
-            records.setdefault(i, {}).update(squared_mean=sq, variance=var)
-
-        handles.append(block.conv3.register_forward_hook(on_conv3))
-        handles.append(block.se.register_forward_hook(on_gate))
-        handles.append(block.register_forward_hook(on_block))
-
-    was_training = trunk.training
-    saved = [block.skip_gain.detach().clone() for _, _, block in blocks]
-    pools = [block.pool for _, _, block in blocks]
-    try:
-        trunk.eval()
-        if shortcut_pool == "subsample":
-            for _, _, block in blocks:
-                if block.pool is not None:
-                    block.pool = _Subsample()
-        if skip_gain is not None:
-            for _, _, block in blocks:
-                block.skip_gain.fill_(skip_gain)
+    inputs = _gaussian_input(trunk, inputs, size, batch_size, seed)
+    blocks = _nf_blocks(trunk)
+    with _recording(blocks) as records, _measurement_setup(trunk, blocks, skip_gain,
+                                                           shortcut_pool):
         trunk.forward_stages(inputs)
-    finally:
-        for h in handles:
-            h.remove()
-        for (_, _, block), value, pool in zip(blocks, saved, pools):
-            block.skip_gain.copy_(value)
-            block.pool = pool
-        trunk.train(was_training)
-
-    results = []
-    for i, (s, b, block) in enumerate(blocks):
-        expected = 1.0 + (b + 1) * block.alpha**2 if skip_gain == 1.0 else float("nan")
-        results.append(
-            BlockSignal(
-                name=f"res{s + 2}.{b}",
-                stage=s,
-                index=b,
-                expected_var=expected,
-                **records[i],
-            )
-        )
-    return results
+    # With active branches, the k-th block of a stage should leave variance 1 + (k + 1) alpha^2.
+    return [BlockSignal(name=f"res{s + 2}.{b}", stage=s, index=b,
+                        expected_var=(1.0 + (b + 1) * block.alpha**2 if skip_gain == 1.0
+                                      else float("nan")),
+                        **records[i])
+            for i, (s, b, block) in enumerate(blocks)]
 
 
 def format_spp_table(signals: list[BlockSignal]) -> str:
