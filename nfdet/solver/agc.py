@@ -59,6 +59,62 @@ def _norm_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def _bucket_key(p: torch.Tensor) -> tuple:
+    """The bucket whose norms ``p``'s are computed with (see ``_agc_``)."""
+    units = _num_units(p)
+    if units == 1:
+        key = None  # the whole-tensor bucket
+    elif p.numel() > _CONCAT_MAX_NUMEL:
+        key = ("own", id(p))
+    else:
+        key = ("fan", p.numel() // units)
+    return p.grad.device, p.grad.dtype, key
+
+
+def _unit_norms(ps: list[torch.Tensor], key: tuple | None,
+                ndtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient and parameter norms of every unit of the bucket ``ps``, in order."""
+    if key is None:
+        grad_norms = torch.stack(torch._foreach_norm([p.grad for p in ps], 2, dtype=ndtype))
+        param_norms = torch.stack(torch._foreach_norm([p.detach() for p in ps], 2, dtype=ndtype))
+        return grad_norms, param_norms
+    if len(ps) == 1:
+        g, w = agc_units(ps[0].grad), agc_units(ps[0].detach())
+    else:
+        g = torch.cat([agc_units(p.grad) for p in ps])
+        w = torch.cat([agc_units(p.detach()) for p in ps])
+    return (torch.linalg.vector_norm(g, dim=1, dtype=ndtype),
+            torch.linalg.vector_norm(w, dim=1, dtype=ndtype))
+
+
+def _rescale_(params: list[torch.Tensor], grad_norms: torch.Tensor, param_norms: torch.Tensor,
+              clipping: float, eps: float) -> torch.Tensor:
+    """Rescale the clipped units' gradients of ``params`` (one device/dtype; norms of every unit
+    in order); return the number of clipped units (a tensor: no device sync)."""
+    max_norms = param_norms.clamp_min(eps) * clipping
+    clip = grad_norms > max_norms
+    scale = torch.where(clip, max_norms / grad_norms.clamp_min(_GRAD_NORM_FLOOR), 1.0)
+    scale = scale.to(params[0].grad.dtype)
+    units_list = [_num_units(p) for p in params]
+    if grad_norms.device.type == "cpu":
+        # Reading the clip mask costs no device sync on CPU: rescale only the tensors that
+        # have a clipped unit (usually few), saving a pass over most gradients.
+        bounds = torch.tensor([0, *itertools.accumulate(units_list)])
+        running = torch.cat([clip.new_zeros(1, dtype=torch.long), clip.cumsum(0)])
+        per_tensor = (running[bounds[1:]] > running[bounds[:-1]]).tolist()
+    else:
+        per_tensor = [True] * len(params)
+    factors, grads = [], []
+    for f, u, p, any_clipped in zip(scale.split(units_list), units_list, params, per_tensor):
+        if any_clipped:
+            # Broadcast over every dim but the unit dim (0-dim for one-unit tensors).
+            factors.append(f.view((u,) + (1,) * (p.dim() - 1)) if u > 1 else f.view(()))
+            grads.append(p.grad)
+    if grads:
+        torch._foreach_mul_(grads, factors)
+    return clip.sum()
+
+
 def _agc_(
     params: list[torch.Tensor], clipping: float, eps: float
 ) -> tuple[torch.Tensor | None, int]:
@@ -75,34 +131,13 @@ def _agc_(
     """
     buckets: dict[tuple, list[torch.Tensor]] = defaultdict(list)
     for p in params:
-        if p.numel() == 0:
-            continue
-        units = _num_units(p)
-        if units == 1:
-            key = None  # the whole-tensor bucket
-        elif p.numel() > _CONCAT_MAX_NUMEL:
-            key = ("own", id(p))
-        else:
-            key = ("fan", p.numel() // units)
-        buckets[(p.grad.device, p.grad.dtype, key)].append(p)
+        if p.numel() > 0:
+            buckets[_bucket_key(p)].append(p)
 
     # Per device/dtype: the norms of every unit in bucket order, and the tensors in that order.
     per_device: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for (device, gdtype, key), ps in buckets.items():
-        ndtype = _norm_dtype(gdtype)
-        if key is None:
-            grad_norms = torch.stack(torch._foreach_norm([p.grad for p in ps], 2, dtype=ndtype))
-            param_norms = torch.stack(
-                torch._foreach_norm([p.detach() for p in ps], 2, dtype=ndtype)
-            )
-        else:
-            if len(ps) == 1:
-                g, w = agc_units(ps[0].grad), agc_units(ps[0].detach())
-            else:
-                g = torch.cat([agc_units(p.grad) for p in ps])
-                w = torch.cat([agc_units(p.detach()) for p in ps])
-            grad_norms = torch.linalg.vector_norm(g, dim=1, dtype=ndtype)
-            param_norms = torch.linalg.vector_norm(w, dim=1, dtype=ndtype)
+        grad_norms, param_norms = _unit_norms(ps, key, _norm_dtype(gdtype))
         entry = per_device[(device, gdtype)]
         entry["grad_norms"].append(grad_norms)
         entry["param_norms"].append(param_norms.to(grad_norms.dtype))
@@ -110,35 +145,12 @@ def _agc_(
 
     clipped_total: torch.Tensor | None = None
     units_total = 0
-    for (_, gdtype), entry in per_device.items():
+    for entry in per_device.values():
         grad_norms = torch.cat(entry["grad_norms"])
-        max_norms = torch.cat(entry["param_norms"]).clamp_min(eps) * clipping
-        clip = grad_norms > max_norms
-        scale = torch.where(clip, max_norms / grad_norms.clamp_min(_GRAD_NORM_FLOOR), 1.0)
-        scale = scale.to(gdtype)
-        params = entry["params"]
-        units_list = [_num_units(p) for p in params]
-        if grad_norms.device.type == "cpu":
-            # Reading the clip mask costs no device sync on CPU: rescale only the tensors that
-            # have a clipped unit (usually few), saving a pass over most gradients.
-            bounds = torch.tensor([0, *itertools.accumulate(units_list)])
-            running = torch.cat([clip.new_zeros(1, dtype=torch.long), clip.cumsum(0)])
-            per_tensor = (running[bounds[1:]] > running[bounds[:-1]]).tolist()
-        else:
-            per_tensor = [True] * len(params)
-        factors, grads = [], []
-        for f, u, p, any_clipped in zip(scale.split(units_list), units_list, params, per_tensor):
-            if any_clipped:
-                # Broadcast over every dim but the unit dim (0-dim for one-unit tensors).
-                factors.append(f.view((u,) + (1,) * (p.dim() - 1)) if u > 1 else f.view(()))
-                grads.append(p.grad)
-        if grads:
-            torch._foreach_mul_(grads, factors)
-        count = clip.sum()
-        if clipped_total is None:
-            clipped_total = count
-        else:
-            clipped_total = clipped_total + count.to(clipped_total.device)
+        count = _rescale_(entry["params"], grad_norms, torch.cat(entry["param_norms"]),
+                          clipping, eps)
+        clipped_total = count if clipped_total is None else (
+            clipped_total + count.to(clipped_total.device))
         units_total += grad_norms.numel()
     return clipped_total, units_total
 
