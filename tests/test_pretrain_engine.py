@@ -6,6 +6,7 @@ stream derives from, stored in the checkpoint and reused by --resume."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 from pathlib import Path
@@ -219,3 +220,25 @@ def test_resume_uses_the_stored_seed(tmp_path):
     b = torch.load(reference / "model_final.pth", weights_only=True)
     for key, value in b["ema"]["model"].items():
         assert torch.equal(a["ema"]["model"][key], value), key
+
+
+def test_statistics_in_metrics_and_clipping_from_the_batch_size(tmp_path):
+    """SOLVER.STATS_PERIOD puts the per-stage statistics into metrics.jsonl every N steps and at
+    the last one; SOLVER.AGC.REFERENCE_BATCH_SIZE sets the clipping to CLIPPING * sqrt(ref / B)."""
+    data = _folder(tmp_path / "data")
+    out = tmp_path / "run"
+    trainer = PretrainTrainer(_cfg(data, out, "SOLVER.MAX_ITER", "3", "SOLVER.STATS_PERIOD", "2",
+                                   "SOLVER.AGC.REFERENCE_BATCH_SIZE", "4096"))
+    expected = 0.01 * math.sqrt(4096 / 8)
+    clipped = [g["agc_clipping"] for g in trainer.optimizer.param_groups
+               if g.get("agc_clipping") is not None]
+    assert clipped and all(c == pytest.approx(expected, rel=1e-12) for c in clipped)
+    trainer.train()
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = sorted(r["step"] for r in rows if "grad_ratio/res2" in r)
+    assert logged == [2, 3]  # every 2 steps, and the last step
+    for row in (r for r in rows if "grad_ratio/res2" in r):
+        for key in ("grad_ratio/stem", "clipped_ratio/res5", "agc_clipped/res3",
+                    "agc_clipped/skip_gains", "skip_gain/res4", "out_rms/res2",
+                    "out_rms/final_conv", "grad_ratio/head"):
+            assert key in row and math.isfinite(row[key]), (row["step"], key)

@@ -38,6 +38,8 @@ from ..checkpoint import CheckpointFormatError
 from ..modeling import build_nfnet, canonical_name
 from ..seed import seed_all
 from ..solver import build_optimizer, get_agc_stats
+from ..solver.clipping import resolve_agc_clipping
+from ..solver.stats import TrainingStats
 from .checkpoint import (
     find_last_checkpoint,
     get_rng_state,
@@ -204,6 +206,58 @@ class _MetricsWriter:
             self._tb.close()
 
 
+class _Window:
+    """Sums of (loss, correct, examples) over the steps since the last log line, on the device
+    (read only when logged: no sync per step)."""
+
+    def __init__(self, device: torch.device):
+        self.totals = torch.zeros(3, dtype=torch.float64, device=device)
+        self.reset()
+
+    def reset(self) -> None:
+        self.totals.zero_()
+        self.steps = 0
+        self.start = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, correct: torch.Tensor, examples: int) -> None:
+        self.totals += torch.stack([loss.double(), correct.double(),
+                                    torch.tensor(examples, dtype=torch.float64,
+                                                 device=self.totals.device)])
+        self.steps += 1
+
+
+class _RunOutputs:
+    """What one ``train()`` call writes to: the metrics writer and progress bar (process 0) and
+    the log window."""
+
+    def __init__(self, writer: _MetricsWriter | None, bar: Any, window: _Window):
+        self.writer, self.bar, self.window = writer, bar, window
+
+    @classmethod
+    def open(cls, trainer: PretrainTrainer, stop: int) -> _RunOutputs:
+        cfg = trainer.cfg
+        writer = bar = None
+        if trainer.rank == 0:
+            writer = _MetricsWriter(cfg.OUTPUT_DIR, cfg.LOG.TENSORBOARD)
+            if cfg.LOG.PROGRESS_BAR:
+                from tqdm import tqdm
+
+                bar = tqdm(total=stop, initial=trainer.step, desc="pretrain", unit="step",
+                           dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
+        trainer._data_time = 0.0
+        return cls(writer, bar, _Window(trainer.device))
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        if self.writer is not None and metrics:
+            self.writer.write(step, metrics)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
 class PretrainTrainer:
     """Trains an NFNet classifier with DeepMind's recipe (see ``nfdet.classification.config``).
 
@@ -236,9 +290,11 @@ class PretrainTrainer:
         # Per-process streams for dropout / stochastic depth.
         seed_all(self.seed + 1 + self.rank)
 
-        opt_cfg = cfg.clone()
+        # SOLVER.AGC.REFERENCE_BATCH_SIZE > 0: the clipping follows the global batch.
+        opt_cfg = resolve_agc_clipping(cfg, cfg.SOLVER.IMS_PER_BATCH).clone()
         opt_cfg.defrost()
         opt_cfg.SOLVER.BASE_LR = scaled_lr(cfg)
+        self.agc_clipping = float(opt_cfg.SOLVER.AGC.CLIPPING)
         self.optimizer = build_optimizer(opt_cfg, self.model)
         for group in self.optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
@@ -254,6 +310,10 @@ class PretrainTrainer:
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 broadcast_buffers=False,
             )
+        # Per-stage statistics every SOLVER.STATS_PERIOD steps (process 0 writes them).
+        self.stats = None
+        if cfg.SOLVER.STATS_PERIOD > 0 and self.rank == 0:
+            self.stats = TrainingStats(self.ddp_model, self.optimizer, fpn_levels=False)
 
         self.mean = torch.tensor(cfg.DATA.PIXEL_MEAN, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(cfg.DATA.PIXEL_STD, device=self.device).view(1, 3, 1, 1)
@@ -539,92 +599,107 @@ class PretrainTrainer:
 
     def train(self, resume: bool = False) -> dict[str, float]:
         """Run (or continue) training; returns the last evaluation's metrics."""
-        cfg = self.cfg
         self.resume_or_load(resume)
-        stop = min(self.max_iter, cfg.SOLVER.STOP_ITER or self.max_iter)
-        writer = _MetricsWriter(cfg.OUTPUT_DIR, cfg.LOG.TENSORBOARD) if self.rank == 0 else None
-        bar = None
-        if self.rank == 0 and cfg.LOG.PROGRESS_BAR:
-            from tqdm import tqdm
-
-            bar = tqdm(total=stop, initial=self.step, desc="pretrain", unit="step",
-                       dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
-        logger.info("Training NFNet-%s: %d steps (%d per epoch), global batch %d (%d "
-                    "micro-batch(es) per step), lr %.4g, %d process(es), device %s, "
-                    "precision %s, seed %d",
-                    self.variant, self.max_iter, self.steps_per_epoch, cfg.SOLVER.IMS_PER_BATCH,
-                    self.accum_steps, scaled_lr(cfg), self.world_size, self.device,
-                    self.amp_dtype or torch.float32, self.seed)
+        stop = min(self.max_iter, self.cfg.SOLVER.STOP_ITER or self.max_iter)
+        self._log_start()
         self.ddp_model.train()
+        run = _RunOutputs.open(self, stop)
         results: dict[str, float] = {}
-        window = torch.zeros(3, dtype=torch.float64, device=self.device)
-        window_start, self._data_time = time.perf_counter(), 0.0
-        window_steps = 0
         try:
             while self.step < stop:
-                # One pass over the data; a resumed run starts at its step within the pass.
-                data_pass, in_pass = divmod(self.step, self.steps_per_pass)
-                self.sampler.set_epoch(data_pass, in_pass)
-                batches = iter(self.train_loader)
-                for _ in range(in_pass, self.steps_per_pass):
-                    epoch = self.step // self.steps_per_epoch
-                    lr = self._set_lr(self.step)
-                    loss, correct, examples = self.run_step(self._timed_micro_batches(batches))
-                    self.step += 1
-                    self._first_nonfinite = torch.where(
-                        ~torch.isfinite(loss) & (self._first_nonfinite < 0), self.step,
-                        self._first_nonfinite,
-                    )
-                    window += torch.stack([loss.double(), correct.double(),
-                                           torch.tensor(examples, dtype=torch.float64,
-                                                        device=self.device)])
-                    window_steps += 1
-                    if bar is not None:
-                        bar.update(1)
-                    last = self.step >= stop
-                    if self.step % cfg.LOG.PERIOD == 0 or last:
-                        self.check_finite()
-                        metrics = self._log_window(window, window_steps, window_start,
-                                                   self._data_time, lr, epoch)
-                        if writer is not None:
-                            writer.write(self.step, metrics)
-                        if bar is not None:
-                            bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.3g}")
-                        window.zero_()
-                        window_steps, self._data_time = 0, 0.0
-                        window_start = time.perf_counter()
-                    epoch_end = self.step % self.steps_per_epoch == 0
-                    if cfg.TEST.EVAL_PERIOD > 0 and self.step % cfg.TEST.EVAL_PERIOD == 0 \
-                            and self.step < self.max_iter:
-                        self.check_finite()
-                        results = self._eval_and_log(writer, epoch)
-                    if self.step == self.max_iter:
-                        self.save(final=True)
-                    elif (
-                        last
-                        or (cfg.SOLVER.CHECKPOINT_PERIOD > 0
-                            and self.step % cfg.SOLVER.CHECKPOINT_PERIOD == 0)
-                        or (cfg.SOLVER.CHECKPOINT_EVERY_EPOCH and epoch_end)
-                    ):
-                        self.save()
-                    if last:
-                        break
-            if self.step >= self.max_iter:
-                results = self._eval_and_log(writer, self.step // self.steps_per_epoch)
-                if self.rank == 0:
-                    logger.info("Exported backbone weights to %s", self.export())
-            else:
-                logger.info("Stopped at step %d of %d (SOLVER.STOP_ITER); continue with --resume",
-                            self.step, self.max_iter)
+                results = self._train_pass(stop, run) or results
+            results = self._finish(run) or results
         except FloatingPointError as e:
             logger.error("%s", e)  # into log.txt too
             raise
         finally:
-            if bar is not None:
-                bar.close()
-            if writer is not None:
-                writer.close()
+            run.close()
         return results
+
+    def _log_start(self) -> None:
+        logger.info("Training NFNet-%s: %d steps (%d per epoch), global batch %d (%d "
+                    "micro-batch(es) per step), lr %.4g, AGC clipping %s, %d process(es), "
+                    "device %s, precision %s, seed %d",
+                    self.variant, self.max_iter, self.steps_per_epoch,
+                    self.cfg.SOLVER.IMS_PER_BATCH, self.accum_steps, scaled_lr(self.cfg),
+                    f"{self.agc_clipping:.4g}" if self.cfg.SOLVER.AGC.ENABLED else "off",
+                    self.world_size, self.device, self.amp_dtype or torch.float32, self.seed)
+
+    def _train_pass(self, stop: int, run: _RunOutputs) -> dict[str, float]:
+        """The optimizer steps of one pass over the data (a resumed run starts at its step within
+        the pass), until the pass or the run ends; returns an evaluation's metrics if one ran."""
+        data_pass, in_pass = divmod(self.step, self.steps_per_pass)
+        self.sampler.set_epoch(data_pass, in_pass)
+        batches = iter(self.train_loader)
+        results: dict[str, float] = {}
+        for _ in range(in_pass, self.steps_per_pass):
+            epoch = self.step // self.steps_per_epoch
+            lr = self._set_lr(self.step)
+            if self.stats is not None:
+                period = self.cfg.SOLVER.STATS_PERIOD
+                self.stats.before_step((self.step + 1) % period == 0 or self.step + 1 == stop)
+            loss, correct, examples = self.run_step(self._timed_micro_batches(batches))
+            self.step += 1
+            self._first_nonfinite = torch.where(
+                ~torch.isfinite(loss) & (self._first_nonfinite < 0), self.step,
+                self._first_nonfinite,
+            )
+            run.window.add(loss, correct, examples)
+            if self.stats is not None:
+                run.write(self.step, self.stats.after_step())
+            if run.bar is not None:
+                run.bar.update(1)
+            last = self.step >= stop
+            if self.step % self.cfg.LOG.PERIOD == 0 or last:
+                self._log_metrics(run, lr, epoch)
+            results = self._after_step(run, epoch, last) or results
+            if last:
+                break
+        return results
+
+    def _log_metrics(self, run: _RunOutputs, lr: float, epoch: int) -> None:
+        """Check the losses, write the window's averages and start a new window."""
+        self.check_finite()
+        window = run.window
+        metrics = self._log_window(window.totals, window.steps, window.start, self._data_time,
+                                   lr, epoch)
+        run.write(self.step, metrics)
+        if run.bar is not None:
+            run.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.3g}")
+        window.reset()
+        self._data_time = 0.0
+
+    def _after_step(self, run: _RunOutputs, epoch: int, last: bool) -> dict[str, float]:
+        """Evaluation and checkpoints due after this step; an evaluation's metrics if one ran."""
+        cfg = self.cfg
+        results: dict[str, float] = {}
+        if cfg.TEST.EVAL_PERIOD > 0 and self.step % cfg.TEST.EVAL_PERIOD == 0 \
+                and self.step < self.max_iter:
+            self.check_finite()
+            results = self._eval_and_log(run.writer, epoch)
+        epoch_end = self.step % self.steps_per_epoch == 0
+        if self.step == self.max_iter:
+            self.save(final=True)
+        elif (
+            last
+            or (cfg.SOLVER.CHECKPOINT_PERIOD > 0
+                and self.step % cfg.SOLVER.CHECKPOINT_PERIOD == 0)
+            or (cfg.SOLVER.CHECKPOINT_EVERY_EPOCH and epoch_end)
+        ):
+            self.save()
+        return results
+
+    def _finish(self, run: _RunOutputs) -> dict[str, float]:
+        """After the last step: the final evaluation and the exported backbone, or a note that
+        the run stopped early (``SOLVER.STOP_ITER``)."""
+        if self.step >= self.max_iter:
+            results = self._eval_and_log(run.writer, self.step // self.steps_per_epoch)
+            if self.rank == 0:
+                logger.info("Exported backbone weights to %s", self.export())
+            return results
+        logger.info("Stopped at step %d of %d (SOLVER.STOP_ITER); continue with --resume",
+                    self.step, self.max_iter)
+        return {}
 
     def _log_window(self, window: torch.Tensor, steps: int, start: float, data_time: float,
                     lr: float, epoch: int) -> dict[str, Any]:
