@@ -191,8 +191,9 @@ def benchmark_backbone(args: argparse.Namespace) -> dict:
         cases, keys, timings = {}, {}, {}
         for mode in modes:
             # A mode's cases are timed together, apart from the other mode's: a training step
-            # frees about a gigabyte, which changes how fast the eval calls after it get memory
-            # (an inference process does not interleave training steps).
+            # frees much memory, which changes how fast the eval calls after it get memory (an
+            # inference process does not interleave training steps; docs/benchmarks.md, "Timing
+            # protocol").
             mode_cases = {}
             for config in configs:
                 for name in built:
