@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from nfdet.benchmarking import format_table, peak_memory_bytes, time_interleaved
+from nfdet.benchmarks.backbone import CONFIGS, MODELS, MODES, check_agreement, summarize
+from nfdet.benchmarks.harness import format_table, peak_memory_bytes, time_interleaved
 from nfdet.modeling import build_nfnet
-from nfdet.modeling.benchmark import CONFIGS, MODELS, MODES, check_agreement, summarize
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -142,8 +142,8 @@ def test_agc_reference_loop_matches_clip_grad_agc():
     weights, 1-d and 0-d parameters included), so the two time the same work."""
     import copy
 
+    from nfdet.benchmarks.agc import agc_loop_
     from nfdet.solver import clip_grad_agc_
-    from nfdet.solver.benchmark import agc_loop_
 
     torch.manual_seed(0)
     model = build_nfnet("nano", num_classes=10)
@@ -159,3 +159,37 @@ def test_agc_reference_loop_matches_clip_grad_agc():
     assert 0.0 < clipped.item() < 1.0
     for (name, a), b in zip(model.named_parameters(), other.parameters()):
         torch.testing.assert_close(a.grad, b.grad, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_library_never_imports_a_benchmark():
+    """Benchmarks depend on the library, not the other way: no module of the library packages
+    imports a benchmark module, at import time or inside a function, and importing them in a fresh
+    interpreter loads none."""
+    import ast
+
+    library = ("checkpoint", "classification", "data", "modeling", "solver")
+    offenders = []
+    for package in library:
+        for path in sorted((REPO / "nfdet" / package).rglob("*.py")):
+            parts = ["nfdet", *path.relative_to(REPO / "nfdet").with_suffix("").parts]
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom):
+                    base = parts[: len(parts) - node.level] if node.level else []
+                    targets = [".".join([*base, *(node.module or "").split(".")]).strip(".")]
+                    targets += [f"{targets[0]}.{alias.name}" for alias in node.names]
+                elif isinstance(node, ast.Import):
+                    targets = [alias.name for alias in node.names]
+                else:
+                    continue
+                offenders += [f"{path.relative_to(REPO)}:{node.lineno} imports {t}"
+                              for t in targets
+                              if t.startswith("nfdet.benchmarks") or t.endswith(".benchmark")]
+    assert not offenders, offenders
+    code = ("import sys\n"
+            + "".join(f"import nfdet.{package}\n" for package in library)
+            + "print(sorted(m for m in sys.modules if m.startswith('nfdet.benchmarks')"
+            " or (m.startswith('nfdet.') and m.endswith('.benchmark'))))")
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert res.stdout.strip() == "[]"

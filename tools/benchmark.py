@@ -7,36 +7,36 @@
     python tools/benchmark.py data      [--variants F0,F3 ...]              data loading per worker
 
 Every subcommand runs on CPU, and on CUDA (bf16 autocast) with --device cuda (but `data`, which
-times CPU loader workers); --smoke runs it at tiny sizes with one repeat. To add one: write
-``add_<name>_arguments(parser)`` and ``main_<name>(args)`` in the nfdet package and add a line to
-``SUBCOMMANDS``.
+times CPU loader workers); --smoke runs it at tiny sizes with one repeat. To add one: write a
+module with a function that adds its flags to a parser and one that runs it (in
+``nfdet/benchmarks/``, or beside the code it needs), and add a line to ``SUBCOMMANDS``.
 """
 
 import argparse
-import importlib
 
-# name -> (module, help): the module defines add_<name>_arguments(parser) and main_<name>(args).
+from nfdet.benchmarks import agc, backbone, data
+from nfdet.detection import benchmark as detection
+
+# name -> (add its flags to a parser, run it with the parsed args, help)
 SUBCOMMANDS = {
-    "backbone": ("nfdet.modeling.benchmark", "NFNet vs timm dm_nfnet and ResNet-50: speed, memory"),
-    "agc": ("nfdet.solver.benchmark", "Adaptive Gradient Clipping vs a loop and a train step"),
-    "detection": ("nfdet.detection.benchmark", "Mask R-CNN NFNet-FPN vs detectron2's R50-FPN"),
-    "data": ("nfdet.benchmarks.data", "pretraining input pipeline: images/s per loader worker"),
+    "backbone": (backbone.add_backbone_arguments, backbone.main_backbone,
+                 "NFNet vs timm dm_nfnet and ResNet-50: speed, memory"),
+    "agc": (agc.add_agc_arguments, agc.main_agc,
+            "Adaptive Gradient Clipping vs a loop and a train step"),
+    "detection": (detection.add_detection_arguments, detection.main_detection,
+                  "Mask R-CNN NFNet-FPN vs detectron2's R50-FPN"),
+    "data": (data.add_data_arguments, data.main_data,
+             "pretraining input pipeline: images/s per loader worker"),
 }
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="BENCHMARK")
-    entries = {}
-    for name, (module_name, help_text) in SUBCOMMANDS.items():
-        # Import lazily per subcommand: `detection` needs detectron2, the others do not.
-        entries[name] = (module_name, sub.add_parser(name, help=help_text))
-    for name, (module_name, sub_parser) in entries.items():
-        module = importlib.import_module(module_name)
-        getattr(module, f"add_{name}_arguments")(sub_parser)
-        entries[name] = getattr(module, f"main_{name}")
+    for name, (add_arguments, _, help_text) in SUBCOMMANDS.items():
+        add_arguments(sub.add_parser(name, help=help_text))
     args = parser.parse_args(argv)
-    entries[args.command](args)
+    SUBCOMMANDS[args.command][1](args)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..benchmarking import (
+from ..classification.config import load_pretrain_cfg
+from ..classification.data import EpochBatchSampler, build_dataset
+from ..classification.transforms import build_train_collate, build_train_transform
+from ..data.synthetic import CATEGORIES, SyntheticDataParams, render_classification_image
+from ..data.validate import read_image_rgb
+from .harness import (
     add_common_arguments,
     describe_machine,
     format_table,
@@ -40,11 +45,6 @@ from ..benchmarking import (
     time_interleaved,
     write_json,
 )
-from ..classification.config import load_pretrain_cfg
-from ..classification.data import EpochBatchSampler, build_dataset
-from ..classification.transforms import build_train_collate, build_train_transform
-from ..data.synthetic import CATEGORIES, SyntheticDataParams, render_classification_image
-from ..data.validate import read_image_rgb
 
 __all__ = ["add_data_arguments", "make_benchmark_images", "benchmark_data", "main_data"]
 

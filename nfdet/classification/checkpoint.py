@@ -3,7 +3,7 @@
 Layout of ``OUTPUT_DIR``:
 
 - ``model_<step:07d>.pth``: full training state, written atomically (temporary file, fsync,
-  rename; ``nfdet.checkpoint.convert.atomic_write``: a process killed even inside a save leaves
+  rename; ``nfdet.checkpoint.io.atomic_write``: a process killed even inside a save leaves
   the previous checkpoint and ``last_checkpoint`` intact) by
   process 0 every ``SOLVER.CHECKPOINT_PERIOD`` steps, at epoch ends and at the end; the newest
   ``SOLVER.CHECKPOINT_KEEP`` are kept. ``model_final.pth`` is the state after the last step.

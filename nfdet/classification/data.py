@@ -254,7 +254,8 @@ class ClassificationDataset(Dataset):
             else:
                 with torch.random.fork_rng(devices=[]):
                     # The CPU generator only: torch.manual_seed would also queue CUDA seeds
-                    # (which fork_rng(devices=[]) does not restore) and costs ~4 ms a call.
+                    # (which fork_rng(devices=[]) does not restore) and is slow per image
+                    # (docs/benchmarks.md, "Data loading").
                     torch.default_generator.manual_seed(seed)
                     image, index = self._load(index)
         else:

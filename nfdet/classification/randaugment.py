@@ -151,7 +151,7 @@ _VALUES = torch.arange(256, dtype=torch.uint8)
 
 def _apply_lut(image: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
     """``lut[image]`` for a uint8 image and a (256,) or per-channel (C, 256) uint8 table (an
-    index_select: several times faster than ``torch.where`` on uint8)."""
+    index_select: faster than ``torch.where`` on uint8; docs/benchmarks.md, "Data loading")."""
     c, h, w = image.shape
     if lut.dim() == 1:
         return lut.index_select(0, image.reshape(-1).to(torch.int32)).view(c, h, w)

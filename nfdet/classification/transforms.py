@@ -163,7 +163,7 @@ def resize_float(image: torch.Tensor, size: tuple[int, int],
 def one_thread() -> Iterator[None]:
     """Run torch ops on one thread (loader workers already do). The pipeline's ops are small:
     in the main process (``DATA.NUM_WORKERS 0``) intra-op threads cost more than they save
-    (6x slower with 2 threads on a busy 2-core machine)."""
+    (docs/benchmarks.md, "Data loading")."""
     threads = torch.get_num_threads()
     if threads == 1:
         yield

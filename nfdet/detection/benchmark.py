@@ -24,7 +24,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from ..benchmarking import (
+from ..benchmarks.harness import (
     add_common_arguments,
     autocast,
     describe_machine,

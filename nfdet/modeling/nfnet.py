@@ -210,8 +210,8 @@ class NFNetTrunk(nn.Module):
         in_channels (int): image channels.
         activation (str | None): override the variant's nonlinearity.
         memory_format (str): layout the trunk computes in. "auto" (default): channels_last on
-            CPU, where oneDNN's convolutions (grouped ones above all) run about twice as fast
-            in it (``tools/benchmark.py backbone``), and the input's own layout elsewhere;
+            CPU, where oneDNN's convolutions (grouped ones above all) run faster in it
+            (docs/benchmarks.md, "Backbone"), and the input's own layout elsewhere;
             "channels_last" or "contiguous" (NCHW) to force one. Outputs are the same values
             either way; on CPU the feature maps come back channels_last-strided.
     """

@@ -23,7 +23,11 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from ..benchmarking import (
+from ..checkpoint import convert_timm_state_dict
+from ..classification.config import load_pretrain_cfg
+from ..modeling import build_nfnet
+from ..modeling.variants import canonical_name
+from .harness import (
     add_common_arguments,
     autocast,
     describe_machine,
@@ -33,8 +37,6 @@ from ..benchmarking import (
     time_interleaved,
     write_json,
 )
-from .nfnet import build_nfnet
-from .variants import canonical_name
 
 __all__ = ["add_backbone_arguments", "benchmark_backbone", "main_backbone"]
 
@@ -72,8 +74,6 @@ def _split(value: str, allowed: tuple[str, ...], flag: str) -> list[str]:
 
 def variant_sizes(variant: str) -> list[int]:
     """The train and test resolutions of the variant's pretraining config."""
-    from ..classification.config import load_pretrain_cfg
-
     cfg = load_pretrain_cfg(f"pretrain/nfnet_{variant.lower()}_imagenet.yaml")
     return [cfg.INPUT.TRAIN_SIZE, cfg.INPUT.TEST_SIZE]
 
@@ -87,8 +87,6 @@ def _timm_pair(variant: str, device: torch.device):
     timm's own initialisation, whose variance is ~1/fan_in.
     """
     import timm
-
-    from ..checkpoint import convert_timm_state_dict
 
     torch.manual_seed(0)
     reference = timm.create_model(f"dm_nfnet_{variant.lower()}")
@@ -193,8 +191,9 @@ def benchmark_backbone(args: argparse.Namespace) -> dict:
         cases, keys, timings = {}, {}, {}
         for mode in modes:
             # A mode's cases are timed together, apart from the other mode's: a training step
-            # frees about a gigabyte, which changes how fast the eval calls after it get memory
-            # (an inference process does not interleave training steps).
+            # frees much memory, which changes how fast the eval calls after it get memory (an
+            # inference process does not interleave training steps; docs/benchmarks.md, "Timing
+            # protocol").
             mode_cases = {}
             for config in configs:
                 for name in built:

@@ -13,7 +13,9 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 
-from ..benchmarking import (
+from ..modeling import build_nfnet
+from ..solver import build_param_groups, clip_grad_agc_, get_agc_stats, with_agc
+from .harness import (
     add_common_arguments,
     describe_machine,
     format_table,
@@ -22,9 +24,6 @@ from ..benchmarking import (
     time_interleaved,
     write_json,
 )
-from ..modeling import build_nfnet
-from .agc import clip_grad_agc_, get_agc_stats, with_agc
-from .build import build_param_groups
 
 __all__ = ["add_agc_arguments", "agc_loop_", "benchmark_agc", "main_agc"]
 
