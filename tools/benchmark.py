@@ -5,6 +5,7 @@
     python tools/benchmark.py agc       [--variant F0 --batch-size 8 ...]   AGC vs a loop, vs a step
     python tools/benchmark.py detection [--configs A,B ...]                 Mask R-CNN NFNet vs R50
     python tools/benchmark.py data      [--variants F0,F3 ...]              data loading per worker
+    python tools/benchmark.py shards    [--num-images 512 ...]              folder/list/shards
 
 Every subcommand runs on CPU, and on CUDA (bf16 autocast) with --device cuda (but `data`, which
 times CPU loader workers); --smoke runs it at tiny sizes with one repeat. To add one: write
@@ -21,6 +22,7 @@ SUBCOMMANDS = {
     "agc": ("nfdet.solver.benchmark", "Adaptive Gradient Clipping vs a loop and a train step"),
     "detection": ("nfdet.detection.benchmark", "Mask R-CNN NFNet-FPN vs detectron2's R50-FPN"),
     "data": ("nfdet.benchmarks.data", "pretraining input pipeline: images/s per loader worker"),
+    "shards": ("nfdet.benchmarks.shards", "data formats: loader images/s, index memory"),
 }
 
 
