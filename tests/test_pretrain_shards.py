@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import os
 import runpy
 import subprocess
@@ -28,7 +27,10 @@ from nfdet.data.validate import DatasetError, ImageReadError
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
+import test_reliability_input_pretrain  # noqa: E402
 from test_pretrain_train import FULL_RECIPE, make_shapes  # noqa: E402
+
+nfdet_log = test_reliability_input_pretrain.nfdet_log  # the "nfdet" log fixture
 
 
 def _tool(name: str, *args: str) -> subprocess.CompletedProcess:
@@ -51,17 +53,6 @@ def _in_process(name: str, *args: str, capsys) -> subprocess.CompletedProcess:
         sys.argv = argv
     out = capsys.readouterr()
     return subprocess.CompletedProcess(args, code, out.out, out.err)
-
-
-@pytest.fixture
-def nfdet_log():
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.INFO)
-    handler.emit = records.append
-    log = logging.getLogger("nfdet")
-    log.addHandler(handler)
-    yield lambda: "\n".join(r.getMessage() for r in records)
-    log.removeHandler(handler)
 
 
 # ------------------------------------------------------------------ a folder of numbered images

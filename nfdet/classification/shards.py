@@ -277,7 +277,13 @@ class _Reader:
             if cycle == 1:
                 logger.warning("A shard reader ran out of samples within a pass and starts over "
                                "on its %d shard(s) (unequal shard sizes)", len(self.shards))
-            yield from self._shuffled(self._one_cycle())
+            count = 0
+            for sample in self._shuffled(self._one_cycle()):
+                count += 1
+                yield sample
+            if count == 0:
+                names = [self.spec.paths[s] for s in self.shards]
+                raise DatasetError(f"Shards {names} hold no samples")
             cycle += 1
 
     def _one_cycle(self) -> Iterator[dict[str, Any]]:
