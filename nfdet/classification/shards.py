@@ -164,14 +164,14 @@ def _with_info(paths: list[str]) -> ShardSpec:
         if folder not in infos:
             candidate = os.path.join(folder, INFO_FILE)
             infos[folder] = _read_info(candidate) if os.path.isfile(candidate) else None
+            if infos[folder] is not None:
+                infos[folder]["by_file"] = {e["file"]: e for e in infos[folder]["shards"]}
             if infos[folder] is not None and info_path is None:
                 info_path = candidate
                 classes, num_classes = infos[folder].get("classes"), infos[folder].get(
                     "num_classes")
         info = infos[folder]
-        entry = None
-        if info is not None:
-            entry = next((e for e in info["shards"] if e["file"] == os.path.basename(path)), None)
+        entry = info["by_file"].get(os.path.basename(path)) if info is not None else None
         if entry is None:
             counts = sizes = None
             continue
