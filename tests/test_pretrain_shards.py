@@ -256,6 +256,38 @@ def test_interrupted_and_resumed_on_shards_gives_the_same_losses(tmp_path, capsy
     assert losses(tmp_path / "b") == uninterrupted
 
 
+@pytest.mark.slow
+def test_killed_anywhere_and_resumed_on_shards_gives_the_same_losses(tmp_path):
+    # ~40 s on 2 cores: the real command in subprocesses (test_reliability_resume's harness),
+    # SIGKILLed mid-pass at an arbitrary moment, resumed with a loader worker.
+    from test_reliability_resume import _kill_when, _make_shapes, _pretrain_args, _rows_by_step
+    from test_reliability_resume import _run as run
+    from test_reliability_resume import _start as start
+
+    _make_shapes(tmp_path / "shapes", per_class=22)  # 66 images: 4 steps of 16 a pass
+    write_shards(str(tmp_path / "shapes" / "train"), str(tmp_path / "shards" / "train"),
+                 shard_size=8, progress=False)
+    wds = ["DATA.FORMAT", "wds", "DATA.ROOT", str(tmp_path / "shards"), "SOLVER.MAX_ITER", "12",
+           "DATA.WDS.SHUFFLE_BUFFER", "6", "SOLVER.CHECKPOINT_PERIOD", "3"]
+    rc, log = run(tmp_path, "pretrain_net.py", _pretrain_args(tmp_path, tmp_path / "ref", 0) + wds)
+    assert rc == 0, log[-4000:]
+    out = tmp_path / "killed"
+    args = _pretrain_args(tmp_path, out, 1) + wds
+    proc = start(tmp_path, "pretrain_net.py", args)
+    # Killed once step 4 is logged: resumed from the checkpoint of step 3, mid-pass.
+    _kill_when(proc, lambda: '"step": 4,' in (out / "metrics.jsonl").read_text(), delay=0.0)
+    rc, log = run(tmp_path, "pretrain_net.py", ["--resume", *args])
+    assert rc == 0 and "model_0000003.pth at step 3" in log, log[-4000:]
+
+    def rows(path):
+        lines = [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
+        return _rows_by_step([r for r in lines if "loss" in r], "step", ["loss", "lr"])
+
+    expected = rows(tmp_path / "ref")
+    assert sorted(expected) == list(range(1, 13))
+    assert rows(out) == expected  # exact
+
+
 # ---------------------------------------------------------------------------------- bad shards
 def _png(value: int) -> bytes:
     buffer = io.BytesIO()

@@ -163,13 +163,13 @@ def _with_info(paths: list[str]) -> ShardSpec:
         folder = os.path.dirname(os.path.abspath(path))
         if folder not in infos:
             candidate = os.path.join(folder, INFO_FILE)
-            infos[folder] = _read_info(candidate) if os.path.isfile(candidate) else None
-            if infos[folder] is not None:
-                infos[folder]["by_file"] = {e["file"]: e for e in infos[folder]["shards"]}
-            if infos[folder] is not None and info_path is None:
-                info_path = candidate
-                classes, num_classes = infos[folder].get("classes"), infos[folder].get(
-                    "num_classes")
+            info = _read_info(candidate) if os.path.isfile(candidate) else None
+            if info is not None:
+                info["by_file"] = {e["file"]: e for e in info["shards"]}
+                if info_path is None:  # classes: from the first info.json
+                    info_path, classes = candidate, info.get("classes")
+                    num_classes = info.get("num_classes")
+            infos[folder] = info
         info = infos[folder]
         entry = info["by_file"].get(os.path.basename(path)) if info is not None else None
         if entry is None:
