@@ -258,7 +258,7 @@ def test_interrupted_and_resumed_on_shards_gives_the_same_losses(tmp_path, capsy
 
 @pytest.mark.slow
 def test_killed_anywhere_and_resumed_on_shards_gives_the_same_losses(tmp_path):
-    # ~40 s on 2 cores: the real command in subprocesses (test_reliability_resume's harness),
+    # ~45 s on 2 cores: the real command in subprocesses (test_reliability_resume's harness),
     # SIGKILLed mid-pass at an arbitrary moment, resumed with a loader worker.
     from test_reliability_resume import _kill_when, _make_shapes, _pretrain_args, _rows_by_step
     from test_reliability_resume import _run as run
@@ -275,7 +275,8 @@ def test_killed_anywhere_and_resumed_on_shards_gives_the_same_losses(tmp_path):
     args = _pretrain_args(tmp_path, out, 1) + wds
     proc = start(tmp_path, "pretrain_net.py", args)
     # Killed once step 4 is logged: resumed from the checkpoint of step 3, mid-pass.
-    _kill_when(proc, lambda: '"step": 4,' in (out / "metrics.jsonl").read_text(), delay=0.0)
+    metrics = out / "metrics.jsonl"
+    _kill_when(proc, lambda: metrics.exists() and '"step": 4,' in metrics.read_text(), delay=0.0)
     rc, log = run(tmp_path, "pretrain_net.py", ["--resume", *args])
     assert rc == 0 and "model_0000003.pth at step 3" in log, log[-4000:]
 
