@@ -26,6 +26,7 @@ setup(
         "fvcore",
         "iopath",
         "tqdm",
+        "webdataset==1.0.2",
         "tensorboard",
         "matplotlib",
     ],

@@ -5,6 +5,7 @@
     python tools/benchmark.py agc       [--variant F0 --batch-size 8 ...]   AGC vs a loop, vs a step
     python tools/benchmark.py detection [--configs A,B ...]                 Mask R-CNN NFNet vs R50
     python tools/benchmark.py data      [--variants F0,F3 ...]              data loading per worker
+    python tools/benchmark.py shards    [--num-images 512 ...]              folder/list/shards
 
 Every subcommand runs on CPU, and on CUDA (bf16 autocast) with --device cuda (but `data`, which
 times CPU loader workers); --smoke runs it at tiny sizes with one repeat. To add one: write a
@@ -14,7 +15,7 @@ module with a function that adds its flags to a parser and one that runs it (in
 
 import argparse
 
-from nfdet.benchmarks import agc, backbone, data
+from nfdet.benchmarks import agc, backbone, data, shards
 from nfdet.detection import benchmark as detection
 
 # name -> (add its flags to a parser, run it with the parsed args, help)
@@ -27,6 +28,8 @@ SUBCOMMANDS = {
                   "Mask R-CNN NFNet-FPN vs detectron2's R50-FPN"),
     "data": (data.add_data_arguments, data.main_data,
              "pretraining input pipeline: images/s per loader worker"),
+    "shards": (shards.add_shards_arguments, shards.main_shards,
+               "data formats: loader images/s, index memory"),
 }
 
 

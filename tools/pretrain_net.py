@@ -6,12 +6,15 @@ Examples:
     tools/pretrain_net.py --config nfnet_f0_imagenet.yaml --num-gpus 8 --resume
     tools/pretrain_net.py --config nfnet_f0_imagenet.yaml --eval-only MODEL.WEIGHTS ckpt.pth
     tools/pretrain_net.py --config nfnet_nano_shapes.yaml DATA.ROOT demo/shapes  # CPU
+    tools/pretrain_net.py --config nfnet_f0_imagenet.yaml --num-gpus 8 DATA.FORMAT wds \\
+        DATA.ROOT /data/shards DATA.TRAIN_SPLIT 'train/train-{000000..001023}.tar' \\
+        DATA.VAL_SPLIT val                    # shards written by tools/make_shards.py
 
 The final step writes OUTPUT_DIR/backbone_final.pth, which tools/train_net.py takes as
-MODEL.WEIGHTS.
+MODEL.WEIGHTS. A data error ends the command with one line naming the path or key.
 """
 
-from nfdet.classification import launch_from_args, pretrain_argument_parser
+from nfdet.classification.cli import pretrain_command
 
 if __name__ == "__main__":
-    launch_from_args(pretrain_argument_parser().parse_args())
+    pretrain_command()

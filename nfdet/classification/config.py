@@ -56,15 +56,29 @@ def add_pretrain_config(cfg: CN) -> None:
     # "folder": ROOT/<TRAIN_SPLIT>/<class>/<image> (ImageNet layout; classes sorted by name).
     # "filelist": a text file of "relative/path label" lines (ROOT-relative paths, integer
     # labels), read once; for datasets a folder walk cannot serve quickly.
+    # "wds": WebDataset tar shards (tools/make_shards.py writes them; DATA.WDS below), read
+    # sequentially and split across processes and loader workers by shard.
     _C.DATA.FORMAT = "folder"
     _C.DATA.ROOT = "datasets/imagenet"
-    # A folder under ROOT ("folder") or a file list path, absolute or relative to ROOT
-    # ("filelist").
+    # A folder under ROOT ("folder"), a file list path ("filelist") or the shards ("wds": brace
+    # patterns such as "train-{000000..001023}.tar", several joined by "::", or a folder of
+    # shards), absolute or relative to ROOT.
     _C.DATA.TRAIN_SPLIT = "train"
     _C.DATA.VAL_SPLIT = "val"
     # Data loader worker processes per training process (0: load in the main process).
     _C.DATA.NUM_WORKERS = 8
     _C.DATA.PREFETCH_FACTOR = 4
+    # DATA.FORMAT "wds": a sample is the tar members <key>.<ext> sharing a key.
+    _C.DATA.WDS = CN()
+    # Image member extensions, tried in order.
+    _C.DATA.WDS.IMAGE_KEYS = ["jpg", "jpeg", "png", "webp"]
+    # The label member: an ASCII integer in [0, MODEL.NUM_CLASSES).
+    _C.DATA.WDS.LABEL_KEY = "cls"
+    # Training samples per epoch; 0: the count of the info.json beside the shards.
+    _C.DATA.WDS.NUM_SAMPLES = 0
+    # Samples (undecoded bytes) in each reader's shuffle buffer; one reader per loader worker.
+    # The shard order is shuffled per pass too. 0: tar order.
+    _C.DATA.WDS.SHUFFLE_BUFFER = 1000
     # RGB normalization on the 0-255 scale (ImageNet statistics x 255).
     _C.DATA.PIXEL_MEAN = [123.675, 116.28, 103.53]
     _C.DATA.PIXEL_STD = [58.395, 57.12, 57.375]
@@ -232,6 +246,7 @@ def check_pretrain_config(cfg: CN) -> None:
 
     inp, ra, crop = cfg.INPUT, cfg.INPUT.RANDAUGMENT, cfg.INPUT.RANDOM_RESIZED_CROP
     choices = [
+        ("DATA.FORMAT", cfg.DATA.FORMAT, ("folder", "filelist", "wds")),
         ("INPUT.TEST_RESIZE", inp.TEST_RESIZE, ("squash", "shorter_side")),
         ("INPUT.INTERPOLATION", inp.INTERPOLATION, ("bicubic", "bilinear", "nearest")),
         ("INPUT.RANDAUGMENT.IMPL", ra.IMPL, ("deepmind", "torchvision")),
@@ -248,7 +263,9 @@ def check_pretrain_config(cfg: CN) -> None:
             fail(key, value, "an integer >= 1")
     for key, value in (("INPUT.TEST_RESIZE_PAD", inp.TEST_RESIZE_PAD),
                        ("INPUT.RANDOM_RESIZED_CROP.FALLBACK_PAD", crop.FALLBACK_PAD),
-                       ("INPUT.RANDAUGMENT.NUM_OPS", ra.NUM_OPS)):
+                       ("INPUT.RANDAUGMENT.NUM_OPS", ra.NUM_OPS),
+                       ("DATA.WDS.NUM_SAMPLES", cfg.DATA.WDS.NUM_SAMPLES),
+                       ("DATA.WDS.SHUFFLE_BUFFER", cfg.DATA.WDS.SHUFFLE_BUFFER)):
         if not isinstance(value, int) or value < 0:
             fail(key, value, "an integer >= 0")
     if not isinstance(ra.MAGNITUDE, (int, float)) or not ra.MAGNITUDE >= 0:

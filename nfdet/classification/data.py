@@ -1,6 +1,6 @@
 """Classification datasets and loaders for pretraining.
 
-Two dataset formats (``DATA.FORMAT``):
+Three dataset formats (``DATA.FORMAT``):
 
 - ``"folder"``: ImageNet's layout, ``ROOT/train/<class>/<image>`` and ``ROOT/val/<class>/<image>``;
   classes are the sorted folder names (as torchvision's ImageFolder), scanned with ``os.scandir``.
@@ -8,6 +8,9 @@ Two dataset formats (``DATA.FORMAT``):
   to ``DATA.ROOT``, the label an integer after the last space). This is the path for datasets a
   folder walk cannot serve (tens of millions of images, network file systems): the list is read
   once, sequentially, and ``write_file_list`` makes one from a folder dataset.
+- ``"wds"``: WebDataset tar shards (``nfdet.classification.shards``; ``tools/make_shards.py``
+  writes them from either of the above): read sequentially, split across processes and loader
+  workers by shard, and only a shard list held in memory.
 
 Paths are kept in one numpy byte buffer plus offsets rather than a Python list, so DataLoader
 workers (forked) do not touch millions of refcounts and copy the parent's memory page by page.
@@ -42,6 +45,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..data.validate import DatasetError, ImageReadError, read_image_rgb
+from .shards import (
+    ShardedDataset,
+    build_shard_dataset,
+    build_shard_test_loader,
+    build_shard_train_loader,
+    resolve_shards,
+)
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -51,6 +61,7 @@ __all__ = [
     "write_file_list",
     "EpochBatchSampler",
     "build_dataset",
+    "check_data_paths",
     "build_train_loader",
     "build_test_loader",
 ]
@@ -92,7 +103,7 @@ def scan_image_folder(root: str) -> tuple[list[str], list[int], list[str]]:
 
     Raises:
         FileNotFoundError: ``root`` does not exist.
-        ValueError: no class folders, or a class folder without images (named).
+        DatasetError: no class folders, or a class folder without images (named).
     """
     if not os.path.isdir(root):
         raise FileNotFoundError(
@@ -101,7 +112,7 @@ def scan_image_folder(root: str) -> tuple[list[str], list[int], list[str]]:
         )
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
     if not classes:
-        raise ValueError(f"Dataset folder {root!r} has no class sub-folders")
+        raise DatasetError(f"Dataset folder {root!r} has no class sub-folders")
     paths, labels = [], []
     for label, name in enumerate(classes):
         files = sorted(
@@ -110,7 +121,7 @@ def scan_image_folder(root: str) -> tuple[list[str], list[int], list[str]]:
             if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)
         )
         if not files:
-            raise ValueError(
+            raise DatasetError(
                 f"Class folder {os.path.join(root, name)!r} holds no images "
                 f"(extensions {', '.join(IMAGE_EXTENSIONS)})"
             )
@@ -124,8 +135,8 @@ def read_file_list(path: str) -> tuple[list[str], list[int]]:
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: a malformed line (file and line number named) or an empty list, or a file
-            that is not UTF-8 text.
+        DatasetError: a malformed line (file and line number named) or an empty list, or a
+            file that is not UTF-8 text.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"File list {path!r} does not exist (DATA.FORMAT 'filelist')")
@@ -135,7 +146,7 @@ def read_file_list(path: str) -> tuple[list[str], list[int]]:
             try:
                 line = raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not UTF-8 text ({e.reason})") from None
+                raise DatasetError(f"{path}:{lineno}: not UTF-8 text ({e.reason})") from None
             if not line.strip():
                 continue
             rel, _, label = line.rpartition(" ")
@@ -144,14 +155,14 @@ def read_file_list(path: str) -> tuple[list[str], list[int]]:
             except ValueError:
                 value = -1
             if not rel or value < 0:
-                raise ValueError(
+                raise DatasetError(
                     f"{path}:{lineno}: expected 'relative/path label' with an integer label "
                     f">= 0, got {line!r}"
                 )
             paths.append(rel)
             labels.append(value)
     if not paths:
-        raise ValueError(f"File list {path!r} is empty")
+        raise DatasetError(f"File list {path!r} is empty")
     return paths, labels
 
 
@@ -263,7 +274,7 @@ class ClassificationDataset(Dataset):
         return image, int(self.labels[index])
 
 
-def build_dataset(cfg, split: str, transform: Callable) -> ClassificationDataset:
+def build_dataset(cfg, split: str, transform: Callable) -> ClassificationDataset | ShardedDataset:
     """Build the train or val dataset from ``cfg.DATA``.
 
     Args:
@@ -272,12 +283,15 @@ def build_dataset(cfg, split: str, transform: Callable) -> ClassificationDataset
         transform (callable): the per-image transform.
 
     Raises:
-        FileNotFoundError / ValueError: missing folder or list, empty class, bad label (named).
-        DatasetError: one of the first ``FILE_LIST_CHECK`` files of a file list is missing.
+        FileNotFoundError: a missing folder or list (named).
+        DatasetError: an empty class, a bad label, a missing shard (named), or one of the first
+            ``FILE_LIST_CHECK`` files of a file list is missing.
     """
     data = cfg.DATA
     name = data.TRAIN_SPLIT if split == "train" else data.VAL_SPLIT
     fmt = data.FORMAT.lower()
+    if fmt == "wds":
+        return build_shard_dataset(cfg, split, transform)
     if fmt == "folder":
         root = os.path.join(data.ROOT, name)
         paths, labels, classes = scan_image_folder(root)
@@ -293,10 +307,11 @@ def build_dataset(cfg, split: str, transform: Callable) -> ClassificationDataset
                 f"images do not exist under DATA.ROOT {root!r}, e.g. {missing[0]!r}"
             )
     else:
-        raise ValueError(f"DATA.FORMAT must be 'folder' or 'filelist', got {data.FORMAT!r}")
+        raise DatasetError(
+            f"DATA.FORMAT must be 'folder', 'filelist' or 'wds', got {data.FORMAT!r}")
     num_classes = cfg.MODEL.NUM_CLASSES
     if max(labels) >= num_classes:
-        raise ValueError(
+        raise DatasetError(
             f"The {split} data at {os.path.join(data.ROOT, name)!r} has label {max(labels)} "
             f"(classes: {max(labels) + 1}), but MODEL.NUM_CLASSES is {num_classes}"
         )
@@ -334,7 +349,7 @@ class EpochBatchSampler(Sampler):
         if self.steps_per_epoch == 0:
             reads = (f"{global_batch} x {sources_per_example} source images (MixUp/CutMix pair "
                      "two per example)" if sources_per_example > 1 else f"{global_batch} images")
-            raise ValueError(
+            raise DatasetError(
                 f"SOLVER.IMS_PER_BATCH is larger than the training set: a step reads {reads}, "
                 f"the training set has {dataset_size}"
             )
@@ -412,26 +427,38 @@ def build_train_loader(cfg, dataset: Dataset, rank: int, world_size: int, seed: 
 
     if collate_fn is None:
         collate_fn = build_train_collate(cfg)
+    if isinstance(dataset, ShardedDataset):
+        loader, shard_sampler = build_shard_train_loader(cfg, dataset, rank, world_size, seed,
+                                                         collate_fn, _loader_kwargs(cfg))
+        _check_pairing(cfg, collate_fn, shard_sampler.micro_sources)
+        return loader, shard_sampler
     sources = getattr(collate_fn, "sources_per_example", 1)
     sampler = EpochBatchSampler(len(dataset), cfg.SOLVER.IMS_PER_BATCH, rank, world_size, seed,
                                 sources_per_example=sources,
                                 accum_steps=cfg.SOLVER.ACCUM_STEPS)
-    if sources > 1:
-        # Checked here (not in a worker) so that a bad batch size fails before training.
-        from .mixing import pair_indices
-
-        pair_indices(sampler.micro_sources, cfg.INPUT.MIXUP_ALPHA, cfg.INPUT.CUTMIX_ALPHA)
+    _check_pairing(cfg, collate_fn, sampler.micro_sources)
     # A private generator: creating an iterator must not consume the global torch RNG.
     loader = DataLoader(_SeededSamples(dataset), batch_sampler=sampler, collate_fn=collate_fn,
                         generator=torch.Generator(), **_loader_kwargs(cfg))
     return loader, sampler
 
 
+def _check_pairing(cfg, collate_fn: Callable, micro_sources: int) -> None:
+    if getattr(collate_fn, "sources_per_example", 1) > 1:
+        # Checked here (not in a worker) so that a bad batch size fails before training.
+        from .mixing import pair_indices
+
+        pair_indices(micro_sources, cfg.INPUT.MIXUP_ALPHA, cfg.INPUT.CUTMIX_ALPHA)
+
+
 def build_test_loader(cfg, dataset: Dataset, rank: int, world_size: int) -> DataLoader:
-    """Eval loader over this process's shard ``rank::world_size`` (no padding, no duplicates)."""
-    indices = list(range(rank, len(dataset), world_size))
+    """Eval loader over this process's share ``rank::world_size`` of the images (of the shards
+    with ``DATA.FORMAT 'wds'``): no padding, no duplicates."""
     kwargs = _loader_kwargs(cfg)
     kwargs["persistent_workers"] = False
+    if isinstance(dataset, ShardedDataset):
+        return build_shard_test_loader(cfg, dataset, rank, world_size, kwargs)
+    indices = list(range(rank, len(dataset), world_size))
     return DataLoader(
         torch.utils.data.Subset(dataset, indices),
         batch_size=cfg.TEST.IMS_PER_BATCH,
@@ -439,3 +466,29 @@ def build_test_loader(cfg, dataset: Dataset, rank: int, world_size: int) -> Data
         generator=torch.Generator(),
         **kwargs,
     )
+
+
+def check_data_paths(cfg) -> None:
+    """Cheap up-front checks of ``cfg.DATA`` (before processes start): the split folders, file
+    lists or shards exist (shard sizes match ``info.json``).
+
+    Raises:
+        FileNotFoundError / DatasetError: one line naming the path or key at fault.
+    """
+    data = cfg.DATA
+    fmt = data.FORMAT.lower()
+    for key in ("TRAIN_SPLIT", "VAL_SPLIT"):
+        name = getattr(data, key)
+        if not name and key == "VAL_SPLIT":
+            continue
+        where = os.path.join(data.ROOT, name)
+        if fmt == "wds":
+            resolve_shards(name, data.ROOT)
+        elif fmt == "folder" and not os.path.isdir(where):
+            if not os.path.isdir(data.ROOT):
+                raise FileNotFoundError(f"DATA.ROOT {data.ROOT!r} does not exist")
+            raise FileNotFoundError(f"Dataset folder {where!r} does not exist (DATA.{key} "
+                                    f"{name!r} under DATA.ROOT)")
+        elif fmt == "filelist" and not os.path.isfile(where):
+            raise FileNotFoundError(f"File list {where!r} does not exist (DATA.{key} {name!r} "
+                                    "under DATA.ROOT; DATA.FORMAT 'filelist')")
