@@ -7,50 +7,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from helpers import QUICK, write_flat_shapes
 
 from nfdet.classification import launch, launch_from_args, main, pretrain_argument_parser
 from nfdet.classification.engine import PretrainTrainer
 from nfdet.classification.launch import setup
 from nfdet.modeling import build_nfnet
 
-REPO = Path(__file__).resolve().parents[1]
-CLASSES = ("circle", "square", "triangle", "cross")
-
-
-def make_shapes(root: Path, n_train: int = 40, n_val: int = 16, size: int = 40) -> None:
-    """ImageNet-style folder: ``root/{train,val}/<shape>/*.png``, one bright shape per image."""
-    rng = np.random.default_rng(0)
-    for split, n in (("train", n_train), ("val", n_val)):
-        for c in CLASSES:
-            (root / split / c).mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                img = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(0, 120, 3)))
-                draw = ImageDraw.Draw(img)
-                fg = tuple(int(v) for v in rng.integers(130, 256, 3))
-                r = rng.uniform(0.25, 0.4) * size
-                cx, cy = rng.uniform(r, size - r, 2)
-                if c == "circle":
-                    draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fg)
-                elif c == "square":
-                    draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fg)
-                elif c == "triangle":
-                    draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fg)
-                else:
-                    w = r / 3
-                    draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fg)
-                    draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fg)
-                img.save(root / split / c / f"{i:03d}.png")
-
-
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("shapes")
-    make_shapes(root)
-    return root
+    """ImageNet-style folder: ``root/{train,val}/<shape>/*.png``, one drawn shape per image."""
+    return write_flat_shapes(tmp_path_factory.mktemp("shapes"), {"train": 40, "val": 16}, size=40)
 
 
 def _run(argv: list[str]) -> None:
@@ -122,7 +91,7 @@ def test_exported_backbone_loads_into_detector(nano_run):
     from nfdet.detection import NFNetCheckpointer, get_nfdet_cfg
 
     cfg = get_nfdet_cfg()
-    cfg.merge_from_file(str(REPO / "configs" / "quick" / "nfnet_nano_mask_rcnn_instant.yaml"))
+    cfg.merge_from_file(str(QUICK))
     cfg.MODEL.WEIGHTS = str(nano_run / "backbone_final.pth")
     model = build_model(cfg)
     NFNetCheckpointer(model).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
