@@ -194,3 +194,26 @@ def tiny_coco_cfg(*datasets: str, **overrides):
     for key, value in overrides.items():
         opts += [key.replace("__", "."), str(value)]
     return checked_quick_cfg(*opts)
+
+
+def truncate(path: Path) -> Path:
+    """Cut ``path`` to the first half of its bytes (a torn write); returns ``path``."""
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
+
+
+def quick_pretrain_cfg(data: Path, out: Path, *opts: str):
+    """A pretraining config for tiny CPU runs of nano on the folder ``data`` (train split only, no
+    workers, 16 px, no progress bar or TensorBoard, checkpoints by step only), writing to ``out``
+    (created), with ``KEY VALUE`` overrides."""
+    from nfdet.classification import get_pretrain_cfg
+
+    cfg = get_pretrain_cfg()
+    cfg.merge_from_list([
+        "MODEL.NFNET.VARIANT", "nano", "DATA.ROOT", str(data), "DATA.VAL_SPLIT", "",
+        "DATA.NUM_WORKERS", "0", "INPUT.TRAIN_SIZE", "16", "SOLVER.CHECKPOINT_EVERY_EPOCH", "False",
+        "LOG.PROGRESS_BAR", "False", "LOG.TENSORBOARD", "False", "OUTPUT_DIR", str(out),
+        *map(str, opts),
+    ])
+    out.mkdir(parents=True, exist_ok=True)
+    return cfg
