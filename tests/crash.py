@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from helpers import REPO
+from helpers import REPO, TOOLS
 
 # Runs a tools/ script after two test-only patches (nothing of this exists in nfdet itself):
 # - NFDET_TEST_KILL_IN_SAVE=N: the torch.save of the training checkpoint of iteration/step N
@@ -69,7 +69,7 @@ def start_with_faults(tmp_path: Path, script: str, args: list[str],
     log_path = tmp_path / f"output_{len(list(tmp_path.glob('output_*.txt')))}.txt"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, str(wrapper), str(REPO / "tools" / script), *args],
+            [sys.executable, str(wrapper), str(TOOLS / script), *args],
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
         )
     proc.log_path = log_path

@@ -8,7 +8,9 @@ imported inside the functions that need it, so that model-only test files do not
 from __future__ import annotations
 
 import json
+import math
 import os
+import random
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,6 +44,38 @@ def nano(num_classes: int = 5, seed: int | None = 0, **overrides) -> nn.Module:
     if seed is not None:
         torch.manual_seed(seed)
     return build_nfnet("nano", num_classes=num_classes, **overrides)
+
+
+def set_skip_gains(model: nn.Module, low: float = 0.2, high: float = 1.0) -> None:
+    """Draw every block's skip gain uniformly from [low, high) (at init they are 0 and the
+    residual branches contribute nothing)."""
+    from nfdet.modeling import NFBlock
+
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, NFBlock):
+                m.skip_gain.uniform_(low, high)
+
+
+def perturb_block_scalars(block: nn.Module) -> nn.Module:
+    """Move a block's scalars away from their init (skip gain 0.7, conv gains in [0.5, 1.5),
+    biases ~ N(0, 0.1)), so that a test sees each of them act; returns ``block``."""
+    from nfdet.modeling import ScaledStdConv2d
+
+    with torch.no_grad():
+        block.skip_gain.fill_(0.7)
+        for m in block.modules():
+            if isinstance(m, ScaledStdConv2d):
+                m.gain.uniform_(0.5, 1.5)
+                m.bias.normal_(0.0, 0.1)
+    return block
+
+
+def gained_nano(seed: int = 0) -> nn.Module:
+    """``nano(5, seed)`` with skip gains in [0.2, 1), in eval mode."""
+    model = nano(num_classes=5, seed=seed)
+    set_skip_gains(model)
+    return model.eval()
 
 
 def quick_cfg(*opts):
@@ -127,8 +161,6 @@ def write_flat_shapes(root: Path, per_split: dict[str, int], size: int,
     Returns:
         Path: ``root``.
     """
-    from PIL import ImageDraw
-
     rng = np.random.default_rng(0)
     for split, n in per_split.items():
         for c in classes:
@@ -217,3 +249,60 @@ def quick_pretrain_cfg(data: Path, out: Path, *opts: str):
     ])
     out.mkdir(parents=True, exist_ok=True)
     return cfg
+
+
+TINY_COCO_CATEGORIES = ({"id": 1, "name": "rectangle"}, {"id": 2, "name": "circle"})
+
+
+def write_tiny_coco(root: Path, num_images: int = 4, seed: int = 0) -> tuple[Path, Path]:
+    """Write a COCO instance-segmentation set of 64-128 px images with 1-3 filled rectangles or
+    circles each; every mask is the drawn polygon (pycocotools-compatible).
+
+    Returns:
+        (json_path, image_dir)
+    """
+    from nfdet.data.validate import polygon_area
+
+    rng = random.Random(seed)
+    image_dir = root / "images"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for image_id in range(1, num_images + 1):
+        width, height = rng.randint(64, 128), rng.randint(64, 128)
+        img = Image.new("RGB", (width, height), tuple(rng.randint(0, 60) for _ in range(3)))
+        draw = ImageDraw.Draw(img)
+        for _ in range(rng.randint(1, 3)):
+            category = rng.choice(TINY_COCO_CATEGORIES)["id"]
+            size = rng.randint(16, min(width, height) // 2)
+            x0, y0 = rng.randint(0, width - size - 1), rng.randint(0, height - size - 1)
+            if category == 1:
+                h = rng.randint(size // 2, size)
+                points = [(x0, y0), (x0 + size, y0), (x0 + size, y0 + h), (x0, y0 + h)]
+            else:
+                r, cx, cy = size / 2, x0 + size / 2, y0 + size / 2
+                angles = [2 * math.pi * k / 16 for k in range(16)]
+                points = [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in angles]
+            draw.polygon(points, fill=tuple(rng.randint(120, 255) for _ in range(3)))
+            xy = [float(round(c, 2)) for p in points for c in p]
+            xs, ys = xy[0::2], xy[1::2]
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": category,
+                    "segmentation": [xy],
+                    "area": polygon_area(xy),
+                    "bbox": [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)],
+                    "iscrowd": 0,
+                }
+            )
+        file_name = f"{image_id:04d}.png"
+        img.save(image_dir / file_name)
+        images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
+    json_path = root / "annotations.json"
+    json_path.write_text(
+        json.dumps(
+            {"images": images, "annotations": annotations, "categories": list(TINY_COCO_CATEGORIES)}
+        )
+    )
+    return json_path, image_dir

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import CONFIGS
 from PIL import Image
 
 from nfdet.classification import (
@@ -27,7 +28,7 @@ from nfdet.classification.config import load_pretrain_cfg
 from nfdet.config import ConfigError
 from nfdet.modeling import canonical_name
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "pretrain"
+CONFIG_DIR = CONFIGS / "pretrain"
 
 # docs/reference.md (the variant table): train res, test res, RandAugment (layers, magnitude),
 # dropout
