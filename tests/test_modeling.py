@@ -265,6 +265,7 @@ def test_channels_last_matches_contiguous():
     assert all(p.grad is not None for p in model_cl.parameters())
 
 
+@pytest.mark.slow  # dynamo tracing: 735 s in one `make test` run on the loaded 2-core machine
 def test_torch_compile():
     # backend="aot_eager" traces the model through dynamo + AOTAutograd (graph breaks, the cache
     # bypass under compilation, backward) without generating C++: inductor on this 2-core CPU
