@@ -1,6 +1,7 @@
 # nfdet: two commands do all set-up.
 #   make demo   -> the whole pipeline on a generated dataset (set-up on first use)
-#   make test   -> lint + the test suite (set-up on first use)
+#   make test   -> lint + the test suite without the slow cases (set-up on first use)
+#   make test-all -> lint + every test, the slow ones included (what CI runs)
 # Set-up creates .venv, installs torch/torchvision (pinned), nfdet (editable), detectron2 and the
 # test tools, and records each step with a stamp so later runs reinstall nothing.
 
@@ -10,7 +11,7 @@ PY          := $(VENV)/bin/python
 DEMO_OUT    ?= demo_output
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint clean-venv env
+.PHONY: setup demo test test-all lint clean-venv env
 
 setup: $(VENV)/.stamp-test
 
@@ -39,6 +40,9 @@ lint: setup
 	$(VENV)/bin/ruff check nfdet tools tests
 
 test: setup lint
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
+
+test-all: setup lint
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 demo: setup

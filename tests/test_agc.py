@@ -11,6 +11,7 @@ import socket
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import nano
 from torch import nn
 
 from nfdet.modeling import GammaAct, ScaledStdConv2d, build_nfnet
@@ -222,11 +223,6 @@ def test_agc_bfloat16_gradients():
 # Optimizer integration.
 
 
-def _nano(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return build_nfnet("nano", num_classes=5)
-
-
 def _big_grads(model: nn.Module, seed: int = 1) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     grads = {}
@@ -237,7 +233,7 @@ def _big_grads(model: nn.Module, seed: int = 1) -> dict[str, torch.Tensor]:
 
 
 def test_optimizer_clips_inside_step_and_excludes_by_name():
-    model = _nano()
+    model = nano()
     groups = build_param_groups(model, base_lr=0.0, weight_decay=0.0, agc_clipping=0.01)
     opt = with_agc(torch.optim.SGD)(groups, lr=0.0)
     grads = _big_grads(model)
@@ -256,7 +252,7 @@ def test_optimizer_clips_inside_step_and_excludes_by_name():
 
 
 def test_agc_stats_fraction_matches_function():
-    model = _nano()
+    model = nano()
     x = torch.randn(2, 3, 32, 32)
     F.cross_entropy(model(x), torch.tensor([0, 1])).backward()
     params = []
@@ -276,7 +272,7 @@ def test_agc_stats_fraction_matches_function():
 def test_with_agc_class_pickle_state_dict_and_closure():
     cls = with_agc(torch.optim.SGD)
     assert with_agc(torch.optim.SGD) is cls and with_agc(cls) is cls
-    model = _nano()
+    model = nano()
     opt = cls(build_param_groups(model, 0.1, 1e-4), lr=0.1, momentum=0.9, nesterov=True)
     assert isinstance(opt, torch.optim.SGD)
     x = torch.randn(2, 3, 32, 32)

@@ -5,11 +5,8 @@ too (a benchmark, not a timed test: no speed is asserted)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import run_tool
 
 # The interface of nfdet's earlier transforms module that --legacy-transforms times: a per-image
 # transform and a batch mixing function (a stand-in here, so the test needs no git history).
@@ -29,11 +26,8 @@ def test_data_smoke(tmp_path):
     legacy = tmp_path / "old_transforms.py"
     legacy.write_text(LEGACY)
     out = tmp_path / "data.json"
-    res = subprocess.run(
-        [sys.executable, "tools/benchmark.py", "data", "--smoke", "--json", str(out),
-         "--legacy-transforms", str(legacy), "--data-dir", str(tmp_path / "images")],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )
+    res = run_tool("benchmark.py", "data", "--smoke", "--json", out, "--legacy-transforms", legacy,
+                   "--data-dir", tmp_path / "images", timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     r = json.loads(out.read_text())
     assert r["machine"]["device"] == "cpu" and r["machine"]["threads"] == 1

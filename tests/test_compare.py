@@ -4,25 +4,17 @@ summary's statistics against numpy."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import run_tool
 
 from nfdet.detection.compare import format_table, read_final_ap, summarize
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_smoke_mode_prints_the_table(tmp_path):
     out = tmp_path / "cmp"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "compare_backbones.py"),
-                           "--smoke", "--out", str(out)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_tool("compare_backbones.py", "--smoke", "--out", out, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     lines = proc.stdout.splitlines()
     header = lines.index("| config | seeds | box AP | segm AP | seconds/run |")

@@ -5,17 +5,16 @@ from __future__ import annotations
 import os
 import runpy
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import TOOLS
 
 from nfdet.checkpoint import CheckpointFormatError, convert_weights
 from nfdet.modeling import build_nfnet
 
-REPO = Path(__file__).resolve().parents[1]
 GELU_GAMMA = 1.7015043497085571  # DeepMind's constant for GELU
 
 
@@ -328,7 +327,7 @@ def test_output_written_atomically(deepmind_file, tmp_path, monkeypatch):
 
 def test_cli(deepmind_file, tmp_path, capsys):
     _, src = deepmind_file
-    main = runpy.run_path(str(REPO / "tools" / "convert_weights.py"), run_name="cli")["main"]
+    main = runpy.run_path(str(TOOLS / "convert_weights.py"), run_name="cli")["main"]
     out = tmp_path / "cli.pth"
     assert main([str(src), str(out), "--variant", "nano"]) == 0
     assert "nano" in capsys.readouterr().out

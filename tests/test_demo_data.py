@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import cv2
 import numpy as np
 import pycocotools.mask as mask_util
 import pytest
+from helpers import run_tool
 from pycocotools.coco import COCO
 
 from nfdet.data import (
@@ -20,8 +19,6 @@ from nfdet.data import (
     make_synthetic_data,
     render_scene,
 )
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Small but varied: variable image sizes, full object size range, every split non-empty.
 SMALL = SyntheticDataParams(
@@ -236,14 +233,11 @@ def test_bad_params_name_the_field(field, value):
 
 def test_cli_generates_reuses_and_refuses(tmp_path):
     out = str(tmp_path / "cli")
-    script = os.path.join(REPO, "tools", "make_demo_data.py")
     small = ["--num-train", "2", "--num-val", "1", "--image-size", "128", "160"]
     small += ["--object-size", "12", "64", "--cls-train-per-class", "1", "--cls-val-per-class", "1"]
 
     def run(*extra):
-        return subprocess.run(
-            [sys.executable, script, out, *small, *extra], capture_output=True, text=True
-        )
+        return run_tool("make_demo_data.py", out, *small, *extra)
 
     first = run()
     assert first.returncode == 0, first.stderr

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,23 +11,11 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, build_model
 from detectron2.structures import Boxes, Instances, PolygonMasks
 from detectron2.utils.events import EventStorage
-from torch import nn
+from helpers import NORM_TYPES, quick_cfg
 
 import nfdet.detection.backbone
-from nfdet.detection import NFNetBackbone, get_nfdet_cfg
+from nfdet.detection import NFNetBackbone
 from nfdet.modeling import build_nfnet, get_variant
-
-QUICK = (
-    Path(__file__).resolve().parents[1] / "configs" / "quick" / "nfnet_nano_mask_rcnn_instant.yaml"
-)
-NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
-
-
-def _quick_cfg(*opts):
-    cfg = get_nfdet_cfg()
-    cfg.merge_from_file(str(QUICK))
-    cfg.merge_from_list(list(opts))
-    return cfg
 
 
 @pytest.mark.parametrize("res5_final_conv", [True, False])
@@ -103,7 +90,7 @@ def test_freeze_at(freeze_at):
 
 
 def test_drop_path_rate_from_cfg():
-    cfg = _quick_cfg("MODEL.NFNET.DROP_PATH_RATE", 0.2)
+    cfg = quick_cfg("MODEL.NFNET.DROP_PATH_RATE", 0.2)
     backbone = BACKBONE_REGISTRY.get("build_nfnet_backbone")(cfg, ShapeSpec(channels=3))
     rates = [b.drop_path.rate for stage in backbone.trunk.stages for b in stage]
     assert rates[0] == 0.0 and 0.0 < rates[-1] < 0.2
@@ -121,7 +108,7 @@ def test_registered_and_reimport_safe():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert BACKBONE_REGISTRY.get("build_nfnet_backbone") is nfdet.detection.build_nfnet_backbone
-    cfg = _quick_cfg("MODEL.BACKBONE.NAME", "build_nfnet_backbone",
+    cfg = quick_cfg("MODEL.BACKBONE.NAME", "build_nfnet_backbone",
                      "MODEL.NFNET.OUT_FEATURES", ["res4"])
     backbone = BACKBONE_REGISTRY.get("build_nfnet_backbone")(cfg, ShapeSpec(channels=3))
     assert len(backbone.trunk.stages) == 3
@@ -130,9 +117,9 @@ def test_registered_and_reimport_safe():
 
 def test_bad_cfg_values_are_named():
     with pytest.raises(ValueError, match="MODEL.NFNET.VARIANT"):
-        build_model(_quick_cfg("MODEL.NFNET.VARIANT", "F99"))
+        build_model(quick_cfg("MODEL.NFNET.VARIANT", "F99"))
     with pytest.raises(ValueError, match="MODEL.FPN.IN_FEATURES"):
-        build_model(_quick_cfg("MODEL.NFNET.OUT_FEATURES", ["res2", "res3", "res4"]))
+        build_model(quick_cfg("MODEL.NFNET.OUT_FEATURES", ["res2", "res3", "res4"]))
 
 
 def _targets(h: int, w: int) -> Instances:
@@ -148,7 +135,7 @@ def _targets(h: int, w: int) -> Instances:
 @pytest.mark.parametrize("freeze_at", [0, 2])
 def test_detector_has_no_norm_and_every_backbone_param_gets_a_gradient(freeze_at):
     torch.manual_seed(0)
-    cfg = _quick_cfg("MODEL.BACKBONE.FREEZE_AT", freeze_at, "MODEL.ROI_HEADS.NUM_CLASSES", 2)
+    cfg = quick_cfg("MODEL.BACKBONE.FREEZE_AT", freeze_at, "MODEL.ROI_HEADS.NUM_CLASSES", 2)
     model = build_model(cfg)
     norms = [n for n, m in model.backbone.named_modules() if isinstance(m, NORM_TYPES)]
     assert norms == []

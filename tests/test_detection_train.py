@@ -1,16 +1,27 @@
-"""tools/train_net.py and tools/demo.py end to end on a generated COCO-format dataset, and the
-command-line helpers behind them."""
+"""tools/train_net.py and tools/demo.py end to end on a generated COCO-format dataset, the
+command-line helpers behind them and their errors. Crashes lose nothing: killed with SIGKILL
+(inside a checkpoint save, at an arbitrary moment) and resumed with --resume, training computes
+exactly the losses of a run that was never killed (CPU, fixed seeds, one thread: every kernel is
+deterministic, so equality is exact)."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
+import signal
 from pathlib import Path
 
 import pytest
+import torch
+from crash import (
+    finish,
+    kill_when,
+    last_checkpoint_pointer,
+    rows_by_step,
+    run_with_faults,
+    start_with_faults,
+)
+from helpers import QUICK_NAME, nano, run_tool
 from PIL import Image
 
 from nfdet.checkpoint import save_checkpoint
@@ -20,20 +31,10 @@ from nfdet.detection.cli import (
     resolve_config_file,
     train_argument_parser,
 )
-from nfdet.modeling import build_nfnet
-
-REPO = Path(__file__).resolve().parents[1]
-QUICK = "quick/nfnet_nano_mask_rcnn_instant.yaml"
 
 
 def _run(script: str, *args: str) -> str:
-    # One thread: tiny workloads gain nothing from more, and oversubscribed cores (other jobs)
-    # make multi-threaded CPU kernels many times slower.
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / script), *args],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-    )
+    proc = run_tool(script, *args)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-5000:]
     return output
@@ -57,7 +58,7 @@ def test_train_eval_resume_demo(tiny_coco, tmp_path):
     # Train 3 iterations (checkpoints every 2) from a classification checkpoint; bare config
     # name via the --config alias.
     weights = tmp_path / "nano_classifier.pth"
-    save_checkpoint({"model": build_nfnet("nano", num_classes=3).state_dict()}, weights)
+    save_checkpoint({"model": nano(num_classes=3, seed=None).state_dict()}, weights)
     log = _run("train_net.py", "--config", "nfnet_nano_mask_rcnn_instant.yaml", *common,
                "SOLVER.MAX_ITER", "3", "TEST.EVAL_PERIOD", "0", "MODEL.WEIGHTS", str(weights))
     assert "Reading an nfdet classification checkpoint" in log
@@ -70,7 +71,7 @@ def test_train_eval_resume_demo(tiny_coco, tmp_path):
     assert train_rows and 0.0 <= train_rows[-1]["agc_clipped_fraction"] <= 1.0
 
     # Evaluate the final weights: COCO AP tables for boxes and masks.
-    log = _run("train_net.py", "--config-file", str(CONFIGS_DIR / QUICK), "--eval-only",
+    log = _run("train_net.py", "--config-file", str(CONFIGS_DIR / QUICK_NAME), "--eval-only",
                *common, "MODEL.WEIGHTS", str(out / "model_final.pth"))
     for task in ("bbox", "segm"):
         assert f"Evaluation results for {task}" in log
@@ -78,7 +79,7 @@ def test_train_eval_resume_demo(tiny_coco, tmp_path):
     assert "|  AP   |  AP50  |" in log
 
     # Resume: continues after the saved iteration (model_final.pth holds iteration 2).
-    log = _run("train_net.py", "--config", QUICK, "--resume", *common, "SOLVER.MAX_ITER", "5",
+    log = _run("train_net.py", "--config", QUICK_NAME, "--resume", *common, "SOLVER.MAX_ITER", "5",
                "TEST.EVAL_PERIOD", "0")
     assert "Starting training from iteration 3" in log
     assert re.search(r"iter: 4\b", log)
@@ -86,7 +87,7 @@ def test_train_eval_resume_demo(tiny_coco, tmp_path):
     # Demo: draw predictions of the trained model.
     demo_out = tmp_path / "vis"
     images = sorted(image_dir.glob("*.png"))[:2]
-    log = _run("demo.py", "--config", QUICK, "--input", *map(str, images), "--output",
+    log = _run("demo.py", "--config", QUICK_NAME, "--input", *map(str, images), "--output",
                str(demo_out), "--confidence-threshold", "0.0",
                "--register-coco", "tiny_val", str(json_path), str(image_dir),
                "DATASETS.TEST", "('tiny_val',)", "MODEL.ROI_HEADS.NUM_CLASSES", "2",
@@ -103,7 +104,7 @@ def test_resolve_config_file(tmp_path):
     assert Path(resolve_config_file("nfnet_f0_mask_rcnn_3x")) == (
         CONFIGS_DIR / "nfnet_f0_mask_rcnn_3x.yaml"
     )
-    assert Path(resolve_config_file(QUICK)) == CONFIGS_DIR / QUICK
+    assert Path(resolve_config_file(QUICK_NAME)) == CONFIGS_DIR / QUICK_NAME
     explicit = tmp_path / "mine.yaml"
     explicit.write_text("MODEL:\n  MASK_ON: True\n")
     assert resolve_config_file(str(explicit)) == str(explicit)
@@ -142,3 +143,101 @@ def test_register_coco_errors(tiny_coco, tmp_path):
     spec = ("nfdet_test_register", str(json_path), str(image_dir))
     register_coco_datasets([spec])
     register_coco_datasets([spec])  # same files again (a launched worker): no error
+
+
+def test_train_net_cli_bad_key_or_json_is_one_line_error(tiny_coco, tmp_path):
+    """A misspelled key on tools/train_net.py: a one-line usage error, no traceback, exit 2, and
+    the output folder of an earlier run untouched; a broken dataset file: one line, exit 1."""
+    json_path, image_dir = tiny_coco
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.yaml").write_text("earlier run\n")
+    proc = run_tool("train_net.py", "--config", QUICK_NAME, "--register-coco", "t", json_path,
+                    image_dir, "DATASETS.TRAIN", "('t',)", "DATASETS.TEST", "('t',)",
+                    "OUTPUT_DIR", out, "SOLVER.IMS_PER_BATH", "4")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert ("error: command line: unknown config key SOLVER.IMS_PER_BATH. Did you mean "
+            "SOLVER.IMS_PER_BATCH?") in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert [p.name for p in out.iterdir()] == ["config.yaml"]
+    assert (out / "config.yaml").read_text() == "earlier run\n"
+
+    # A malformed annotation file, found while loading: one line naming file, line and column.
+    broken = tmp_path / "broken.json"
+    broken.write_text(json_path.read_text()[:500])
+    proc = run_tool("train_net.py", "--config", QUICK_NAME, "--register-coco", "t", broken,
+                    image_dir, "DATASETS.TRAIN", "('t',)", "DATASETS.TEST", "('t',)",
+                    "OUTPUT_DIR", tmp_path / "out2")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert re.search(rf"train_net.py: error: {broken}:1:\d+: not valid JSON", proc.stderr)
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+# --- kill anywhere and resume -------------------------------------------------------------------
+DET_LOSSES = ["loss_cls", "loss_box_reg", "loss_mask", "loss_rpn_cls", "loss_rpn_loc"]
+
+
+def _det_args(tiny_coco, out: Path, workers: int) -> list[str]:
+    json_path, image_dir = tiny_coco
+    return [
+        "--config", QUICK_NAME,
+        "--register-coco", "tiny_train", str(json_path), str(image_dir),
+        "DATASETS.TRAIN", "('tiny_train',)", "DATASETS.TEST", "()",
+        "MODEL.ROI_HEADS.NUM_CLASSES", "2", "OUTPUT_DIR", str(out), "SEED", "7",
+        "SOLVER.MAX_ITER", "14", "SOLVER.CHECKPOINT_PERIOD", "2", "TEST.EVAL_PERIOD", "0",
+        "DATALOADER.NUM_WORKERS", str(workers),
+        # Flips and several sizes: the augmentation must be reproduced after a resume too.
+        "INPUT.MIN_SIZE_TRAIN", "(96, 112, 128)", "INPUT.RANDOM_FLIP", "horizontal",
+    ]
+
+
+@pytest.mark.slow
+def test_detection_kill_anywhere_and_resume_gives_the_same_losses(tiny_coco, tmp_path):
+    # Reference: never interrupted, data mapped in the main process.
+    ref = tmp_path / "ref"
+    rc, log = run_with_faults(tmp_path, "train_net.py", _det_args(tiny_coco, ref, 0),
+                   NFDET_TEST_LOSS_LOG=str(tmp_path / "ref_losses.jsonl"))
+    assert rc == 0, log[-4000:]
+
+    # The same run (with a loader worker process this time), killed and resumed twice.
+    out, losses = tmp_path / "killed", str(tmp_path / "killed_losses.jsonl")
+    args = _det_args(tiny_coco, out, 1)
+    # 1. Killed inside the save of the checkpoint of iteration 3 (half of it written).
+    rc, log = run_with_faults(tmp_path, "train_net.py", args, NFDET_TEST_KILL_IN_SAVE="3",
+                   NFDET_TEST_LOSS_LOG=losses)
+    assert rc == -signal.SIGKILL, log[-4000:]
+    assert last_checkpoint_pointer(out) == "model_0000001.pth"
+    assert not (out / "model_0000003.pth").exists()
+    assert [p.name for p in out.glob(".tmp-model_0000003.pth-*")]  # the torn write
+    # 2. Resumed, then killed at an arbitrary moment: while iteration 4 runs (its losses are
+    #    logged, its backward pass and update are under way), after the checkpoint of 3.
+    proc = start_with_faults(tmp_path, "train_net.py", ["--resume", *args],
+                             NFDET_TEST_LOSS_LOG=losses)
+    kill_when(proc, lambda: '"iteration": 4,' in Path(losses).read_text(), delay=0.0)
+    log = finish(proc)[1]
+    assert "Starting training from iteration 2" in log
+    assert not (out / "model_final.pth").exists()
+    assert not list(out.glob(".tmp-model_0000003.pth-*"))  # cleaned by the complete save
+    # 3. Resumed to the end.
+    rc, log = run_with_faults(tmp_path, "train_net.py", ["--resume", *args],
+                              NFDET_TEST_LOSS_LOG=losses)
+    assert rc == 0, log[-4000:]
+    assert "Starting training from iteration 4" in log or "Starting training from iteration 6" \
+        in log
+
+    def rows(path):
+        return [json.loads(x) for x in Path(path).read_text().splitlines()]
+
+    expected = rows_by_step(rows(tmp_path / "ref_losses.jsonl"), "iteration", DET_LOSSES)
+    resumed = rows_by_step(rows(losses), "iteration", DET_LOSSES)
+    assert sorted(expected) == list(range(14))
+    # Exact equality, iteration by iteration (iterations redone after a kill included).
+    assert resumed == expected
+    assert len(rows(losses)) > 14  # some iterations really were computed twice
+    ref_final = torch.load(ref / "model_final.pth", weights_only=True)["model"]
+    final = torch.load(out / "model_final.pth", weights_only=True)["model"]
+    for key, value in ref_final.items():
+        assert torch.equal(final[key], value), key
+    # metrics.json logged every iteration up to each checkpoint before saving it.
+    logged = {json.loads(x)["iteration"] for x in (out / "metrics.json").read_text().splitlines()}
+    assert set(range(1, 14, 2)) <= logged

@@ -1,30 +1,24 @@
-"""NFNetTrainer pieces: the optimizer's AGC/weight-decay groups on a detector, AGC logging."""
+"""NFNetTrainer pieces: the optimizer's AGC/weight-decay groups on a detector, AGC logging, the
+test loader (nfdet's image reader) and the train loader (the checked dataset)."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import json
 from types import SimpleNamespace
 
 import pytest
 import torch
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
+from helpers import quick_cfg, tiny_coco_cfg, truncate, write_json
 
-from nfdet.detection import AGCStatsHook, NFNetTrainer, get_nfdet_cfg
-
-QUICK = (
-    Path(__file__).resolve().parents[1] / "configs" / "quick" / "nfnet_nano_mask_rcnn_instant.yaml"
-)
-
-
-def _cfg():
-    cfg = get_nfdet_cfg()
-    cfg.merge_from_file(str(QUICK))
-    return cfg
+from nfdet.data.validate import DatasetError, ImageReadError
+from nfdet.detection import AGCStatsHook, NFNetTrainer
+from nfdet.detection.loader import ResumableTrainLoader
 
 
 def test_optimizer_clips_the_backbone_only():
-    cfg = _cfg()
+    cfg = quick_cfg()
     model = build_model(cfg)
     optimizer = NFNetTrainer.build_optimizer(cfg, model)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -47,7 +41,7 @@ def test_optimizer_clips_the_backbone_only():
 
 
 def test_agc_stats_hook_writes_the_clipped_fraction():
-    cfg = _cfg()
+    cfg = quick_cfg()
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
     # Rename-free check: clip every parameter of this toy model.
     cfg.SOLVER.AGC.INCLUDE = ["*"]
@@ -61,3 +55,38 @@ def test_agc_stats_hook_writes_the_clipped_fraction():
         value = storage.latest()["agc_clipped_fraction"][0]
     # A huge gradient on a fresh layer: every unit (4 rows + the bias) is clipped.
     assert value == 1.0
+
+
+def test_trainer_test_names_a_truncated_test_image(tiny_coco, tmp_path, register_coco):
+    json_path, image_dir = tiny_coco
+    truncated = truncate(image_dir / "0001.png")
+    name = register_coco("eval", write_json(json.loads(json_path.read_text()), tmp_path / "a.json"),
+                         image_dir)
+    cfg = tiny_coco_cfg(name, OUTPUT_DIR=tmp_path / "out")
+    model = NFNetTrainer.build_model(cfg)
+    # PIL alone says "image file is truncated", without the file.
+    with pytest.raises(ImageReadError, match=rf"Image '{truncated}' cannot be decoded"):
+        NFNetTrainer.test(cfg, model)
+
+
+def test_trainer_train_loader_checks_the_dataset(tiny_coco, tmp_path, register_coco):
+    json_path, image_dir = tiny_coco
+    data = json.loads(json_path.read_text())
+    name = register_coco("ok", write_json(data, tmp_path / "ok.json"), image_dir)
+    assert isinstance(NFNetTrainer.build_train_loader(tiny_coco_cfg(name)), ResumableTrainLoader)
+
+    # Every annotation invalid (zero-size box): dropped, so no image is left to train on.
+    bad = json.loads(json.dumps(data))
+    for ann in bad["annotations"]:
+        ann["bbox"][2] = 0.0
+    name = register_coco("nothing", write_json(bad, tmp_path / "nothing.json"), image_dir)
+    with pytest.raises(DatasetError, match=rf"DATASETS.TRAIN \('{name}',\): nothing to train on"):
+        NFNetTrainer.build_train_loader(tiny_coco_cfg(name))
+
+    # Boxes without masks under MODEL.MASK_ON: named before training, not in the mask head.
+    boxes = json.loads(json.dumps(data))
+    for ann in boxes["annotations"]:
+        del ann["segmentation"]
+    name = register_coco("boxes", write_json(boxes, tmp_path / "boxes.json"), image_dir)
+    with pytest.raises(DatasetError, match=r"an annotation without a mask, but MODEL.MASK_ON"):
+        NFNetTrainer.build_train_loader(tiny_coco_cfg(name))

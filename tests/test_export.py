@@ -7,23 +7,21 @@ from __future__ import annotations
 import importlib.util
 import os
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import QUICK_NAME, TOOLS, set_skip_gains
 from PIL import Image
 
 from nfdet.export import export_classifier
-from nfdet.modeling import NFBlock, build_nfnet
+from nfdet.modeling import build_nfnet
 
-ROOT = Path(__file__).resolve().parents[1]
-NANO_DETECTOR = "quick/nfnet_nano_mask_rcnn_instant.yaml"
 NANO_CLASSIFIER = "pretrain/nfnet_nano_shapes.yaml"
 
 
 def _load_tool():
-    path = ROOT / "tools" / "export_model.py"
+    path = TOOLS / "export_model.py"
     spec = importlib.util.spec_from_file_location("export_model", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -33,10 +31,8 @@ def _load_tool():
 def _classifier(variant: str, num_classes: int = 10):
     torch.manual_seed(0)
     model = build_nfnet(variant, num_classes=num_classes)
+    set_skip_gains(model)
     with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, NFBlock):
-                m.skip_gain.uniform_(0.2, 1.0)
         model.head.fc.weight.normal_(0.0, 1.0)  # logits of order 1
     return model.eval()
 
@@ -103,7 +99,7 @@ def nano_detector():
 
     cfg = get_nfdet_cfg()
     # Every detection kept (random weights score low), 20 per image.
-    merge_config(cfg, resolve_config_file(NANO_DETECTOR),
+    merge_config(cfg, resolve_config_file(QUICK_NAME),
                  ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"])
     torch.manual_seed(0)
     return cfg, build_detector(cfg)
@@ -186,7 +182,7 @@ def test_tool_exports_a_detector_with_a_sample_image(tmp_path, capsys):
     image = tmp_path / "sample.png"
     Image.fromarray(np.full((90, 150, 3), 200, np.uint8)).save(image)
     out = tmp_path / "out"
-    code = _load_tool().main(["--config", NANO_DETECTOR, "--format", "onnx", "--output", str(out),
+    code = _load_tool().main(["--config", QUICK_NAME, "--format", "onnx", "--output", str(out),
                               "--sample-image", str(image)])
     assert code == 0
     assert (out / "model.onnx").stat().st_size > 0
@@ -196,11 +192,11 @@ def test_tool_exports_a_detector_with_a_sample_image(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--config", NANO_DETECTOR, "--format", "torch_export", "--output", "{out}"],
+    (["--config", QUICK_NAME, "--format", "torch_export", "--output", "{out}"],
      "--format torch_export of the detector is not supported"),
     (["--model", "classifier", "--config", NANO_CLASSIFIER, "--output", "{out}",
       "MODEL.WEIGHTS", "missing.pth"], "missing.pth"),
-    (["--config", NANO_DETECTOR, "--output", "{out}", "--sample-image", "no_such_image.png"],
+    (["--config", QUICK_NAME, "--output", "{out}", "--sample-image", "no_such_image.png"],
      "no_such_image.png"),
 ], ids=["unsupported", "missing_weights", "missing_image"])
 def test_tool_fails_with_one_line(argv, message, tmp_path, capsys):

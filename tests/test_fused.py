@@ -9,8 +9,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import gained_nano, perturb_block_scalars
 
-from nfdet.modeling import ACTIVATIONS, NFBlock, NFStem, ScaledStdConv2d, build_nfnet, fused
+from nfdet.modeling import ACTIVATIONS, NFBlock, NFStem, build_nfnet, fused
 from nfdet.modeling.activations import get_activation
 
 
@@ -20,13 +21,7 @@ def _block(activation: str, stride: int, drop_path_rate: float = 0.0) -> NFBlock
     torch.manual_seed(0)
     block = NFBlock(16, 32, 16, group_size=8, se_hidden=4, stride=stride, beta=0.8,
                     drop_path_rate=drop_path_rate, activation=activation)
-    with torch.no_grad():
-        block.skip_gain.fill_(0.7)
-        for m in block.modules():
-            if isinstance(m, ScaledStdConv2d):
-                m.gain.uniform_(0.5, 1.5)
-                m.bias.normal_(0.0, 0.1)
-    return block
+    return perturb_block_scalars(block)
 
 
 def _input(layout: str, shape=(2, 16, 9, 11)) -> torch.Tensor:
@@ -133,20 +128,10 @@ def test_fast_standardization_matches_the_formula(floored, channels_last):
 # ---------------------------------------------------------------------------------------------
 
 
-def _nano():
-    torch.manual_seed(0)
-    model = build_nfnet("nano", num_classes=5)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, NFBlock):
-                m.skip_gain.uniform_(0.2, 1.0)
-    return model.eval()
-
-
 def test_forward_hook_inputs_are_not_overwritten_by_the_next_call():
     """A hook keeping a conv's input (conv1 reads act(x); a strided conv2 reads a padded
     input) sees the same values after later calls: nothing it holds is a reused buffer."""
-    model = _nano()
+    model = gained_nano()
     kept = []
 
     def keep(_module, inputs, output):
@@ -167,7 +152,7 @@ def test_forward_hook_inputs_are_not_overwritten_by_the_next_call():
 
 
 def test_hooked_modules_take_the_plain_path_with_the_same_outputs():
-    model = _nano()
+    model = gained_nano()
     x = torch.randn(2, 3, 45, 37)
     with torch.no_grad():
         want = model(x)
@@ -241,7 +226,7 @@ def _reference(model, x):
 
 @pytest.mark.parametrize("capture", ["jit_trace", "fx", "torch_export", "compile"])
 def test_graph_captures_run_the_plain_code(capture, fused_forbidden):
-    model = _nano()
+    model = gained_nano()
     x = torch.randn(1, 3, 37, 42)
     want = _reference(model, x)
     with torch.no_grad():
@@ -258,13 +243,13 @@ def test_graph_captures_run_the_plain_code(capture, fused_forbidden):
 
 def test_scripting_is_refused_with_a_clear_error():
     with pytest.raises(RuntimeError, match="torch.jit.script.*trace the model instead"):
-        torch.jit.script(_nano())
+        torch.jit.script(gained_nano())
 
 
 def test_onnx_export_runs_the_plain_code(tmp_path, fused_forbidden):
     import warnings
 
-    model = _nano()
+    model = gained_nano()
     x = torch.randn(1, 3, 37, 42)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -6,19 +6,17 @@ from __future__ import annotations
 import io
 import json
 import runpy
-import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import TOOLS, run_tool
 from PIL import Image
 from pycocotools import mask as mask_util
 
 from nfdet.detection.nuclei import NUCLEI_WHEEL_MEMBERS, make_nuclei_coco, read_stardist_wheel
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _scene():
@@ -76,9 +74,7 @@ def test_tool_reads_a_wheel_and_tiffs(tmp_path, monkeypatch):
     read_image, read_labels = read_stardist_wheel(wheel)
     assert np.array_equal(read_image, image) and np.array_equal(read_labels, labels)
 
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "make_nuclei_data.py"),
-                           str(tmp_path / "from_wheel"), "--wheel", str(wheel)],
-                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    proc = run_tool("make_nuclei_data.py", tmp_path / "from_wheel", "--wheel", wheel, timeout=120)
     assert proc.returncode == 0, proc.stderr
     tiffs = []
     for name, array in (("img.tif", image), ("mask.tif", labels)):
@@ -87,7 +83,7 @@ def test_tool_reads_a_wheel_and_tiffs(tmp_path, monkeypatch):
     # The --tiff path in this process (one interpreter start is enough for the test).
     monkeypatch.setattr(sys, "argv", ["make_nuclei_data.py", str(tmp_path / "from_tiff"),
                                       "--tiff", *tiffs])
-    runpy.run_path(str(REPO / "tools" / "make_nuclei_data.py"), run_name="__main__")
+    runpy.run_path(str(TOOLS / "make_nuclei_data.py"), run_name="__main__")
     for split in ("train.json", "val.json"):
         assert ((tmp_path / "from_wheel" / split).read_text()
                 == (tmp_path / "from_tiff" / split).read_text())

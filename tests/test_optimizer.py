@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import os
-
+import helpers
 import pytest
 import torch
 from fvcore.common.config import CfgNode as CN
 from torch import nn
 
 from nfdet.config import add_agc_config, add_nfnet_config
-from nfdet.modeling import build_nfnet
 from nfdet.solver import build_optimizer, build_param_groups, get_agc_stats, with_agc
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _names(model: nn.Module, group: dict) -> set[str]:
@@ -29,8 +25,7 @@ def _group_of(model: nn.Module, groups: list[dict], name: str) -> dict:
 
 @pytest.fixture(scope="module")
 def nano():
-    torch.manual_seed(0)
-    return build_nfnet("nano", num_classes=5)
+    return helpers.nano()
 
 
 def test_param_groups_by_name(nano):

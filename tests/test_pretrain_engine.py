@@ -11,39 +11,26 @@ import os
 import socket
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from helpers import quick_pretrain_cfg, write_image_folder
 
-from nfdet.classification import MixedBatch, PretrainTrainer, get_pretrain_cfg
+from nfdet.classification import MixedBatch, PretrainTrainer
 from nfdet.solver import get_agc_stats
 
 
 def _folder(root: Path, per_class: int = 8, size: int = 20) -> Path:
-    rng = np.random.default_rng(0)
-    for c in ("a", "b", "c"):
-        (root / "train" / c).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / "train" / c / f"{i}.png")
-    return root
+    return write_image_folder(root, ("a", "b", "c"), per_class, size)
 
 
 def _cfg(data: Path, out: Path, *opts: str):
-    cfg = get_pretrain_cfg()
-    cfg.merge_from_list([
-        "MODEL.NFNET.VARIANT", "nano", "MODEL.NUM_CLASSES", "3", "DATA.ROOT", str(data),
-        "DATA.VAL_SPLIT", "", "DATA.NUM_WORKERS", "0", "INPUT.TRAIN_SIZE", "16",
-        "MODEL.DROPOUT", "0.0", "MODEL.NFNET.DROP_PATH_RATE", "0.0", "SOLVER.IMS_PER_BATCH", "8",
-        "SOLVER.MAX_ITER", "6", "SOLVER.WARMUP_EPOCHS", "0.0", "SOLVER.REFERENCE_BATCH_SIZE", "0",
-        "SOLVER.BASE_LR", "0.5", "SOLVER.AGC.CLIPPING", "0.01", "SOLVER.EMA.DECAY", "0.9",
-        "SOLVER.CHECKPOINT_PERIOD", "0", "SOLVER.CHECKPOINT_EVERY_EPOCH", "False",
-        "LOG.PERIOD", "1", "LOG.PROGRESS_BAR", "False", "LOG.TENSORBOARD", "False",
-        "OUTPUT_DIR", str(out), *opts,
-    ])
-    out.mkdir(parents=True, exist_ok=True)
-    return cfg
+    return quick_pretrain_cfg(
+        data, out, "MODEL.NUM_CLASSES", "3", "MODEL.DROPOUT", "0.0",
+        "MODEL.NFNET.DROP_PATH_RATE", "0.0", "SOLVER.IMS_PER_BATCH", "8", "SOLVER.MAX_ITER", "6",
+        "SOLVER.WARMUP_EPOCHS", "0.0", "SOLVER.REFERENCE_BATCH_SIZE", "0", "SOLVER.BASE_LR", "0.5",
+        "SOLVER.AGC.CLIPPING", "0.01", "SOLVER.EMA.DECAY", "0.9", "SOLVER.CHECKPOINT_PERIOD", "0",
+        "LOG.PERIOD", "1", *opts,
+    )
 
 
 def _batches(steps: int, size: int = 8, seed: int = 1) -> list[MixedBatch]:

@@ -1,56 +1,37 @@
 """Pretraining end to end on a generated folder of drawn shapes (CPU, nano variant): it learns,
 resume reproduces the uninterrupted losses, 2 gloo processes stay in sync, and the exported
-backbone loads into the detector as MODEL.WEIGHTS."""
+backbone loads into the detector as MODEL.WEIGHTS; killed with SIGKILL (inside a checkpoint save,
+at an arbitrary moment) and resumed, tools/pretrain_net.py computes exactly the losses of an
+uninterrupted run; its command-line errors."""
 
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from crash import (
+    finish,
+    kill_when,
+    last_checkpoint_pointer,
+    rows_by_step,
+    run_with_faults,
+    start_with_faults,
+)
+from helpers import FLAT_SHAPES, QUICK, run_tool, write_flat_shapes
 
 from nfdet.classification import launch, launch_from_args, main, pretrain_argument_parser
 from nfdet.classification.engine import PretrainTrainer
 from nfdet.classification.launch import setup
 from nfdet.modeling import build_nfnet
 
-REPO = Path(__file__).resolve().parents[1]
-CLASSES = ("circle", "square", "triangle", "cross")
-
-
-def make_shapes(root: Path, n_train: int = 40, n_val: int = 16, size: int = 40) -> None:
-    """ImageNet-style folder: ``root/{train,val}/<shape>/*.png``, one bright shape per image."""
-    rng = np.random.default_rng(0)
-    for split, n in (("train", n_train), ("val", n_val)):
-        for c in CLASSES:
-            (root / split / c).mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                img = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(0, 120, 3)))
-                draw = ImageDraw.Draw(img)
-                fg = tuple(int(v) for v in rng.integers(130, 256, 3))
-                r = rng.uniform(0.25, 0.4) * size
-                cx, cy = rng.uniform(r, size - r, 2)
-                if c == "circle":
-                    draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fg)
-                elif c == "square":
-                    draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fg)
-                elif c == "triangle":
-                    draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fg)
-                else:
-                    w = r / 3
-                    draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fg)
-                    draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fg)
-                img.save(root / split / c / f"{i:03d}.png")
-
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("shapes")
-    make_shapes(root)
-    return root
+    """ImageNet-style folder: ``root/{train,val}/<shape>/*.png``, one drawn shape per image."""
+    return write_flat_shapes(tmp_path_factory.mktemp("shapes"), {"train": 40, "val": 16}, size=40)
 
 
 def _run(argv: list[str]) -> None:
@@ -122,7 +103,7 @@ def test_exported_backbone_loads_into_detector(nano_run):
     from nfdet.detection import NFNetCheckpointer, get_nfdet_cfg
 
     cfg = get_nfdet_cfg()
-    cfg.merge_from_file(str(REPO / "configs" / "quick" / "nfnet_nano_mask_rcnn_instant.yaml"))
+    cfg.merge_from_file(str(QUICK))
     cfg.MODEL.WEIGHTS = str(nano_run / "backbone_final.pth")
     model = build_model(cfg)
     NFNetCheckpointer(model).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
@@ -180,3 +161,89 @@ def test_two_process_gloo_ranks_agree(shapes, tmp_path):
     assert not torch.equal(r0["model"]["trunk.stem.conv1.weight"], init["trunk.stem.conv1.weight"])
     assert [s for s, _ in _losses(out)] == list(range(1, 7))
     assert (out / "backbone_final.pth").exists()
+
+
+def test_pretrain_net_misspelled_key_exits_2_with_suggestion(tmp_path):
+    out = tmp_path / "out"
+    proc = run_tool("pretrain_net.py", "--config", "nfnet_nano_shapes.yaml", "OUTPUT_DIR", out,
+                    "SOLVER.BASE_LRR", "0.1", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.splitlines()[-1] == (
+        "pretrain_net.py: error: command line: unknown config key SOLVER.BASE_LRR. Did you mean "
+        "SOLVER.BASE_LR?"
+    )
+    assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def test_pretrain_unknown_config_name_exits_2(tmp_path, capsys):
+    args = pretrain_argument_parser().parse_args(
+        ["--config", "nfnet_nano_shape.yaml", "OUTPUT_DIR", str(tmp_path / "out")]
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        launch_from_args(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Config 'nfnet_nano_shape.yaml' is neither a file nor a config" in err
+    assert not (tmp_path / "out").exists()
+
+
+# --- kill anywhere and resume -------------------------------------------------------------------
+PRE_KEYS = ["loss", "lr", "train_top1"]
+
+
+def _pretrain_args(data: Path, out: Path, workers: int) -> list[str]:
+    return [
+        "--config", "nfnet_nano_shapes.yaml", "DATA.ROOT", str(data), "OUTPUT_DIR", str(out),
+        "DATA.VAL_SPLIT", "", "MODEL.NUM_CLASSES", "3", "SEED", "3",
+        "INPUT.TRAIN_SIZE", "32", "SOLVER.IMS_PER_BATCH", "8", "SOLVER.MAX_ITER", "30",
+        "SOLVER.CHECKPOINT_PERIOD", "2", "SOLVER.CHECKPOINT_EVERY_EPOCH", "False",
+        "LOG.PERIOD", "1", "LOG.PROGRESS_BAR", "False", "LOG.TENSORBOARD", "False",
+        "DATA.NUM_WORKERS", str(workers),
+        # Every random part of the recipe on, so that resume must restore them all.
+        "INPUT.RANDAUGMENT.ENABLED", "True", "INPUT.MIXUP_ALPHA", "0.2",
+        "INPUT.CUTMIX_ALPHA", "1.0", "MODEL.DROPOUT", "0.2", "MODEL.NFNET.DROP_PATH_RATE", "0.2",
+    ]
+
+
+@pytest.mark.slow
+def test_pretrain_kill_anywhere_and_resume_gives_the_same_losses(tmp_path):
+    data = write_flat_shapes(tmp_path / "shapes", {"train": 8}, size=32,
+                             classes=FLAT_SHAPES[:3])
+    ref = tmp_path / "ref"
+    rc, log = run_with_faults(tmp_path, "pretrain_net.py", _pretrain_args(data, ref, 0))
+    assert rc == 0, log[-4000:]
+
+    out = tmp_path / "killed"
+    args = _pretrain_args(data, out, 1)
+    # 1. Killed inside the save of the checkpoint of step 4.
+    rc, log = run_with_faults(tmp_path, "pretrain_net.py", args, NFDET_TEST_KILL_IN_SAVE="4")
+    assert rc == -signal.SIGKILL, log[-4000:]
+    assert last_checkpoint_pointer(out) == "model_0000002.pth"
+    assert not (out / "model_0000004.pth").exists()
+    assert list(out.glob(".tmp-model_0000004.pth-*"))
+    # 2. Resumed, killed at an arbitrary moment: as soon as step 5 is logged (so after the
+    #    checkpoint of step 4, somewhere in step 6 or later).
+    proc = start_with_faults(tmp_path, "pretrain_net.py", ["--resume", *args])
+    kill_when(proc, lambda: '"step": 5,' in (out / "metrics.jsonl").read_text(), delay=0.0)
+    log = finish(proc)[1]
+    assert "Resumed from" in log and "model_0000002.pth at step 2" in log
+    assert not (out / "model_final.pth").exists()
+    # 3. Resumed to the end.
+    rc, log = run_with_faults(tmp_path, "pretrain_net.py", ["--resume", *args])
+    assert rc == 0, log[-4000:]
+
+    def rows(path):
+        lines = [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
+        return [r for r in lines if "loss" in r]
+
+    expected = rows_by_step(rows(ref), "step", PRE_KEYS)
+    resumed = rows_by_step(rows(out), "step", PRE_KEYS)
+    assert sorted(expected) == list(range(1, 31))
+    assert resumed == expected  # exact
+    ref_final = torch.load(ref / "model_final.pth", weights_only=True)
+    final = torch.load(out / "model_final.pth", weights_only=True)
+    for part in ("model",):
+        for key, value in ref_final[part].items():
+            assert torch.equal(final[part][key], value), key
+    for key, value in ref_final["ema"]["model"].items():
+        assert torch.equal(final["ema"]["model"][key], value), key

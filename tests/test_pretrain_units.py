@@ -1,16 +1,15 @@
 """Pretraining trainer pieces: configs vs. the recipe table, config checks, schedule, EMA, the
-sampler, dataset errors and atomic checkpoints (fast, no training). RandAugment:
+sampler, dataset errors (fast, no training). Checkpoints: test_checkpoint.py. RandAugment:
 test_randaugment.py; mixing: test_mixing.py; the input pipeline: test_pretrain_transforms.py."""
 
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from helpers import CONFIGS
 from PIL import Image
 
 from nfdet.classification import (
@@ -25,17 +24,11 @@ from nfdet.classification import (
     scaled_lr,
     write_file_list,
 )
-from nfdet.classification.checkpoint import (
-    find_last_checkpoint,
-    get_rng_state,
-    save_training_checkpoint,
-    set_rng_state,
-)
 from nfdet.classification.config import load_pretrain_cfg
 from nfdet.config import ConfigError
 from nfdet.modeling import canonical_name
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "pretrain"
+CONFIG_DIR = CONFIGS / "pretrain"
 
 # docs/reference.md (the variant table): train res, test res, RandAugment (layers, magnitude),
 # dropout
@@ -225,32 +218,3 @@ def test_dataset_errors_and_file_list(tmp_path):
     (tmp_path / "data" / "bad.txt").write_text("train/a/0.png zero\n")
     with pytest.raises(ValueError, match="bad.txt:1"):
         read_file_list(str(tmp_path / "data" / "bad.txt"))
-
-
-def test_checkpoint_atomic_and_weights_only(tmp_path, monkeypatch):
-    torch.manual_seed(5)
-    np.random.seed(5)
-    state = {"model": {"w": torch.ones(3)}, "step": 4, "rng": [get_rng_state()]}
-    path = save_training_checkpoint(str(tmp_path), state, step=4, keep=2)
-    assert find_last_checkpoint(str(tmp_path)) == path
-    loaded = torch.load(path, weights_only=True)
-    expected = (torch.rand(2), np.random.rand())
-    set_rng_state(loaded["rng"][0])
-    assert torch.equal(torch.rand(2), expected[0]) and np.random.rand() == expected[1]
-
-    # A crash while writing step 8 leaves step 4 as the intact latest checkpoint.
-    def crash(*args, **kwargs):
-        raise RuntimeError("disk full")
-
-    monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(RuntimeError, match="disk full"):
-        save_training_checkpoint(str(tmp_path), {"model": {"w": torch.zeros(3)}}, 8, keep=2)
-    monkeypatch.undo()
-    assert find_last_checkpoint(str(tmp_path)) == path
-    assert torch.equal(torch.load(path, weights_only=True)["model"]["w"], torch.ones(3))
-    assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000004.pth"]
-    for step in (8, 12):
-        save_training_checkpoint(str(tmp_path), {"model": {}}, step, keep=2)
-    assert sorted(os.listdir(tmp_path)) == [
-        "last_checkpoint", "model_0000008.pth", "model_0000012.pth"
-    ]

@@ -5,21 +5,18 @@ config errors as usage errors."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import run_tool
 from PIL import Image
 
 from nfdet.classification import PretrainTrainer
 from nfdet.classification.config import load_pretrain_cfg
 from nfdet.classification.visualize import LABEL_BAND, MIN_CELL_WIDTH, main
 from nfdet.data import SyntheticDataParams, make_synthetic_data
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -79,12 +76,8 @@ def test_grid_and_dump(shapes, tmp_path, capsys):
 
 
 def test_cli_errors_are_usage_errors(shapes, tmp_path):
-    script = str(REPO / "tools" / "visualize_augmentation.py")
-    res = subprocess.run(
-        [sys.executable, script, "--config", "nfnet_nano_shapes.yaml", *_overrides(shapes),
-         "INPUT.TEST_RESIZE", "crop", "--out", str(tmp_path / "g.png")],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
+    res = run_tool("visualize_augmentation.py", "--config", "nfnet_nano_shapes.yaml",
+                   *_overrides(shapes), "INPUT.TEST_RESIZE", "crop", "--out", tmp_path / "g.png")
     assert res.returncode == 2
     assert "INPUT.TEST_RESIZE must be one of 'squash', 'shorter_side', got 'crop'" in res.stderr
     assert not (tmp_path / "g.png").exists()

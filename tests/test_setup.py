@@ -6,11 +6,10 @@ import os
 import subprocess
 import sys
 import venv
-from pathlib import Path
 
 import pytest
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 INSTALLER = REPO / "scripts" / "install_detectron2.sh"
 
 

@@ -4,16 +4,15 @@ tools/signal_propagation.py)."""
 from __future__ import annotations
 
 import runpy
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import TOOLS
 from torch import nn
 
 from nfdet.modeling import NFBlock, build_nfnet
 from nfdet.modeling.signal_propagation import format_spp_table, plot_spp, signal_propagation
 
-REPO = Path(__file__).resolve().parents[1]
 ALPHA = 0.2
 
 
@@ -98,7 +97,7 @@ def test_table_and_plot(tmp_path):
 
 
 def test_cli(tmp_path, capsys):
-    main = runpy.run_path(str(REPO / "tools" / "signal_propagation.py"), run_name="cli")["main"]
+    main = runpy.run_path(str(TOOLS / "signal_propagation.py"), run_name="cli")["main"]
     out = tmp_path / "spp.png"
     main(["--variant", "nano", "--size", "32", "--batch", "2", "--out", str(out)])
     text = capsys.readouterr().out

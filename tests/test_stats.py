@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from helpers import quick_cfg
 
 from nfdet.modeling import build_nfnet
 from nfdet.solver.agc import with_agc
@@ -139,23 +140,20 @@ def test_stage_output_rms_only_when_armed():
 def test_detection_trainer_logs_the_statistics(tiny_coco, tmp_path):
     from detectron2.data import DatasetCatalog
 
-    from nfdet.config import resolve_config_file
-    from nfdet.detection import NFNetTrainer, get_nfdet_cfg
+    from nfdet.detection import NFNetTrainer
     from nfdet.detection.cli import register_coco_datasets
 
     json_path, image_dir = tiny_coco
     name = f"stats_tiny_{tmp_path.name}"
     register_coco_datasets([(name, str(json_path), str(image_dir))])
     try:
-        cfg = get_nfdet_cfg()
-        cfg.merge_from_file(resolve_config_file("quick/nfnet_nano_mask_rcnn_instant.yaml"))
-        cfg.merge_from_list([
+        cfg = quick_cfg(
             "DATASETS.TRAIN", f"('{name}',)", "DATASETS.TEST", "()",
             "MODEL.ROI_HEADS.NUM_CLASSES", "2", "SOLVER.MAX_ITER", "4",
             # metrics.json is written before each checkpoint (every 2 iterations) and at the end.
             "SOLVER.STATS_PERIOD", "2", "SOLVER.CHECKPOINT_PERIOD", "2",
             "OUTPUT_DIR", str(tmp_path / "out"), "SEED", "0",
-        ])
+        )
         trainer = NFNetTrainer(cfg)
         trainer.resume_or_load(resume=False)
         trainer.train()

@@ -15,17 +15,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_tiny_coco
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
+from helpers import checked_quick_cfg, write_tiny_coco
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from nfdet.config import merge_config, resolve_config_file
 from nfdet.data.validate import DatasetError, ImageReadError
-from nfdet.detection.config import get_nfdet_cfg
 from nfdet.detection.data import NFNetDatasetMapper, load_train_dataset, register_checked_coco
 from nfdet.detection.trainer import build_resumable_train_loader
 
@@ -51,9 +49,8 @@ def _model():
 
 
 def _cfg(mask_format: str):
-    return merge_config(get_nfdet_cfg(), resolve_config_file("quick/nfnet_nano_mask_rcnn_instant"),
-                        ["MODEL.ROI_HEADS.NUM_CLASSES", "4", "INPUT.MASK_FORMAT", mask_format,
-                         "SOLVER.IMS_PER_BATCH", "2"])
+    return checked_quick_cfg("MODEL.ROI_HEADS.NUM_CLASSES", "4", "INPUT.MASK_FORMAT", mask_format,
+                             "SOLVER.IMS_PER_BATCH", "2")
 
 
 # Values that do not belong anywhere: wrong types, non-finite and huge numbers.

@@ -1,54 +1,28 @@
-"""Issue 9, bad input: every bad config, dataset file, annotation or image gets an error (or a
-logged drop/skip) that names the culprit. Policy: docs/reliability.md. Pretraining data:
-test_reliability_input_pretrain.py; random corruption: test_reliability_input_property.py."""
+"""nfdet.detection.data with bad input: every bad dataset name, dataset file, annotation or image
+gets an error (or a logged drop/skip) that names the culprit. Policy: docs/reliability.md. Config
+errors: test_configs.py; pretraining data: test_pretrain_data.py; random corruption:
+test_detection_data_property.py."""
 
 from __future__ import annotations
 
 import json
-import logging
-import os
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import DatasetCatalog
+from helpers import tiny_coco_cfg, write_json
 from PIL import Image
 
-from nfdet.classification.config import load_pretrain_cfg
-from nfdet.config import ConfigError, merge_config, resolve_config_file
 from nfdet.data.validate import DatasetError, ImageReadError, read_image_rgb
-from nfdet.detection.cli import register_coco_datasets, setup_cfg, train_argument_parser
-from nfdet.detection.config import get_nfdet_cfg
+from nfdet.detection.cli import register_coco_datasets
 from nfdet.detection.data import (
     NFNetDatasetMapper,
     check_dataset_names,
     load_checked_coco_instances,
-    register_checked_coco,
 )
 from nfdet.detection.loader import build_train_loader
-
-REPO = Path(__file__).resolve().parents[1]
-QUICK = "quick/nfnet_nano_mask_rcnn_instant.yaml"
-
-
-@pytest.fixture
-def nfdet_log():
-    """Records of the "nfdet" loggers (a handler on the logger itself: a trainer run earlier in
-    the session may have stopped them from propagating to pytest's caplog)."""
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.INFO)
-    handler.emit = records.append
-    log = logging.getLogger("nfdet")
-    level = log.level
-    log.setLevel(logging.INFO)
-    log.addHandler(handler)
-    yield lambda: "\n".join(r.getMessage() for r in records)
-    log.removeHandler(handler)
-    log.setLevel(level)
 
 
 def _coco(tiny_coco) -> tuple[dict, Path, Path]:
@@ -56,139 +30,14 @@ def _coco(tiny_coco) -> tuple[dict, Path, Path]:
     return json.loads(json_path.read_text()), json_path, image_dir
 
 
-def _write(data: dict, path: Path) -> Path:
-    path.write_text(json.dumps(data))
-    return path
+# --- dataset names ---------------------------------------------------------------------------
 
 
-def _detection_cfg(*names: str, **overrides):
-    cfg = get_nfdet_cfg()
-    opts = ["MODEL.ROI_HEADS.NUM_CLASSES", "2"]
-    if names:
-        opts += ["DATASETS.TRAIN", str(tuple(names)), "DATASETS.TEST", str(tuple(names))]
-    for key, value in overrides.items():
-        opts += [key.replace("__", "."), str(value)]
-    return merge_config(cfg, resolve_config_file(QUICK), opts)
-
-
-_registered: list[str] = []
-
-
-def _register(name: str, json_path: Path, image_dir: Path) -> str:
-    name = f"{name}_{len(_registered)}"
-    register_checked_coco(name, str(json_path), str(image_dir))
-    _registered.append(name)
-    return name
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _unregister():
-    yield
-    for name in _registered:
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
-
-
-# --- configs -------------------------------------------------------------------------------
-
-
-def test_unknown_variant_names_key_value_and_close_match(tmp_path):
-    with pytest.raises(ConfigError, match=r"command line: MODEL.NFNET.VARIANT: Unknown NFNet "
-                       r"variant 'F0p'. Did you mean F0 or F0\+\? Valid variants: F0, F0\+"):
-        _detection_cfg(MODEL__NFNET__VARIANT="F0p")
-    config = tmp_path / "mine.yaml"
-    config.write_text(f"_BASE_: {str(REPO / 'configs' / QUICK)!r}\nMODEL:\n  NFNET:\n"
-                      "    VARIANT: nanno\n")
-    with pytest.raises(ConfigError, match=rf"{config}: MODEL.NFNET.VARIANT: .*'nanno'.*nano"):
-        merge_config(get_nfdet_cfg(), str(config))
-    with pytest.raises(ConfigError, match="MODEL.NFNET.VARIANT: Unknown NFNet variant 'F9'"):
-        load_pretrain_cfg("nfnet_nano_shapes", ["MODEL.NFNET.VARIANT", "F9"])
-
-
-def test_misspelled_key_in_file_names_file_key_and_suggestion(tmp_path):
-    base = tmp_path / "base.yaml"
-    base.write_text("SOLVER:\n  AGC:\n    CLIPING: 0.1\n")
-    config = tmp_path / "child.yaml"
-    config.write_text("_BASE_: base.yaml\nMODEL:\n  NFNET:\n    VARIANT: nano\n")
-    # The key is in the _BASE_ file: that file is named.
-    with pytest.raises(ConfigError, match=rf"^{base}: unknown config key SOLVER.AGC.CLIPING. "
-                       r"Did you mean SOLVER.AGC.CLIPPING\?"):
-        merge_config(get_nfdet_cfg(), str(config))
-    # Pretraining config, key in the file itself.
-    pre = tmp_path / "pre.yaml"
-    pre.write_text("DATA:\n  NUM_WORKER: 2\n")
-    with pytest.raises(ConfigError, match=rf"^{pre}: unknown config key DATA.NUM_WORKER. Did "
-                       r"you mean DATA.NUM_WORKERS\?"):
-        load_pretrain_cfg(str(pre))
-    # YAML syntax: file, line and column.
-    broken = tmp_path / "broken.yaml"
-    broken.write_text("MODEL:\n  NFNET: [nano\n")
-    with pytest.raises(ConfigError, match=rf"^{broken}:3:1: not valid YAML"):
-        merge_config(get_nfdet_cfg(), str(broken))
-
-
-def test_misspelled_key_on_command_line_names_key_and_suggestion():
-    with pytest.raises(ConfigError, match=r"command line: unknown config key "
-                       r"MODEL.NFNET.VARAINT. Did you mean MODEL.NFNET.VARIANT\?"):
-        _detection_cfg(MODEL__NFNET__VARAINT="nano")
-    with pytest.raises(ConfigError, match=r"command line: unknown config key INPUT.TRAIN_SIZ. "
-                       r"Did you mean INPUT.TRAIN_SIZE\?"):
-        load_pretrain_cfg("nfnet_nano_shapes", ["INPUT.TRAIN_SIZ", "64"])
-    with pytest.raises(ConfigError, match=r"command line: SOLVER.BASE_LR 'fast'.*SOLVER.BASE_LR"):
-        _detection_cfg(SOLVER__BASE_LR="fast")
-    with pytest.raises(ConfigError, match=r"'SOLVER.MAX_ITER' has no value"):
-        load_pretrain_cfg("nfnet_nano_shapes", ["SOLVER.MAX_ITER"])
-
-
-def test_missing_config_name_lists_close_matches():
-    with pytest.raises(FileNotFoundError, match=r"'nfnet_f0_mask_rnn'.*nfnet_f0_mask_rcnn.yaml"):
-        resolve_config_file("nfnet_f0_mask_rnn")
-    with pytest.raises(FileNotFoundError, match=r"'nfnet_f0_imagenett'.*nfnet_f0_imagenet.yaml"):
-        load_pretrain_cfg("nfnet_f0_imagenett")
-    args = train_argument_parser().parse_args(["--config", "nfnet_nano_mask_rcnn_instnt"])
-    with pytest.raises(FileNotFoundError, match="quick/nfnet_nano_mask_rcnn_instant.yaml"):
-        setup_cfg(args)
-
-
-def test_train_net_cli_bad_key_or_json_is_one_line_error(tiny_coco, tmp_path):
-    """A misspelled key on tools/train_net.py: a one-line usage error, no traceback, exit 2, and
-    the output folder of an earlier run untouched; a broken dataset file: one line, exit 1."""
-    json_path, image_dir = tiny_coco
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "config.yaml").write_text("earlier run\n")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "train_net.py"), "--config", QUICK,
-         "--register-coco", "t", str(json_path), str(image_dir), "DATASETS.TRAIN", "('t',)",
-         "DATASETS.TEST", "('t',)", "OUTPUT_DIR", str(out), "SOLVER.IMS_PER_BATH", "4"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert ("error: command line: unknown config key SOLVER.IMS_PER_BATH. Did you mean "
-            "SOLVER.IMS_PER_BATCH?") in proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert [p.name for p in out.iterdir()] == ["config.yaml"]
-    assert (out / "config.yaml").read_text() == "earlier run\n"
-
-    # A malformed annotation file, found while loading: one line naming file, line and column.
-    broken = tmp_path / "broken.json"
-    broken.write_text(json_path.read_text()[:500])
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "train_net.py"), "--config", QUICK,
-         "--register-coco", "t", str(broken), str(image_dir), "DATASETS.TRAIN", "('t',)",
-         "DATASETS.TEST", "('t',)", "OUTPUT_DIR", str(tmp_path / "out2")],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert re.search(rf"train_net.py: error: {broken}:1:\d+: not valid JSON", proc.stderr)
-    assert "Traceback" not in proc.stdout + proc.stderr
-
-
-def test_unregistered_or_absent_dataset_is_named(tiny_coco, tmp_path, monkeypatch):
+def test_unregistered_or_absent_dataset_is_named(tiny_coco, tmp_path, monkeypatch,
+                                                 register_coco):
     data, json_path, image_dir = _coco(tiny_coco)
-    name = _register("tiny_named", json_path, image_dir)
-    cfg = _detection_cfg(name)
+    name = register_coco("tiny_named", json_path, image_dir)
+    cfg = tiny_coco_cfg(name)
     cfg.defrost()
     cfg.DATASETS.TRAIN = (name[:-1] + "x",)  # a typo: the close name is suggested
     with pytest.raises(DatasetError, match=rf"DATASETS.TRAIN: dataset '{name[:-1]}x' is not "
@@ -213,7 +62,7 @@ def test_dataset_json_missing_names_file(tmp_path, tiny_coco):
         load_checked_coco_instances(str(missing), str(image_dir))
 
 
-def test_dataset_json_malformed_names_file_line_and_column(tmp_path, tiny_coco):
+def test_dataset_json_malformed_names_file_line_and_column(tmp_path, tiny_coco, register_coco):
     _, json_path, image_dir = _coco(tiny_coco)
     broken = tmp_path / "broken.json"
     text = json.dumps(json.loads(json_path.read_text()), indent=1)
@@ -221,7 +70,7 @@ def test_dataset_json_malformed_names_file_line_and_column(tmp_path, tiny_coco):
     with pytest.raises(DatasetError, match=rf"^{broken}:\d+:\d+: not valid JSON"):
         load_checked_coco_instances(str(broken), str(image_dir))
     # Through detectron2's catalog, as the trainer loads it.
-    name = _register("broken", broken, image_dir)
+    name = register_coco("broken", broken, image_dir)
     with pytest.raises(DatasetError, match=str(broken)):
         DatasetCatalog.get(name)
 
@@ -249,7 +98,7 @@ def test_dataset_json_malformed_names_file_line_and_column(tmp_path, tiny_coco):
 def test_dataset_json_wrong_structure_names_key_and_id(tiny_coco, tmp_path, corrupt, expected):
     data, _, image_dir = _coco(tiny_coco)
     corrupt(data)
-    path = _write(data, tmp_path / "bad.json")
+    path = write_json(data, tmp_path / "bad.json")
     with pytest.raises(DatasetError, match=rf"^{path}: .*{expected}"):
         load_checked_coco_instances(str(path), str(image_dir))
 
@@ -259,7 +108,7 @@ def test_category_not_in_categories_names_id_annotation_and_image(tiny_coco, tmp
     data["annotations"][3]["category_id"] = 7
     ann = data["annotations"][3]
     file_name = next(i["file_name"] for i in data["images"] if i["id"] == ann["image_id"])
-    path = _write(data, tmp_path / "cats.json")
+    path = write_json(data, tmp_path / "cats.json")
     with pytest.raises(DatasetError, match=rf"annotation id {ann['id']} \(image '{file_name}'\): "
                        r"category_id 7 is not an id in 'categories' \(ids: 1, 2\)"):
         load_checked_coco_instances(str(path), str(image_dir))
@@ -309,7 +158,7 @@ def test_untrainable_annotation_is_dropped_and_named(tiny_coco, tmp_path, nfdet_
         ann["segmentation"] = [[1, 1, 5, 5, 9, 9, 20, 20]]
     elif case == "polygon_outside":
         ann["segmentation"] = [[width + 1, 0, width + 9, 0, width + 9, 9]]
-    path = _write(data, tmp_path / f"{case}.json")
+    path = write_json(data, tmp_path / f"{case}.json")
     records = load_checked_coco_instances(str(path), str(image_dir))
     kept = sum(len(r["annotations"]) for r in records)
     assert kept == len(data["annotations"]) - 1
@@ -322,7 +171,7 @@ def test_out_of_image_coordinates_are_clipped(tiny_coco, tmp_path, nfdet_log):
     ann, width, height = _one(data, 0)
     ann["bbox"] = [-5.0, -3.0, width + 20.0, 10.0]
     ann["segmentation"] = [[-5, -3, width + 15, -3, width + 15, 7, -5, 7]]
-    path = _write(data, tmp_path / "clip.json")
+    path = write_json(data, tmp_path / "clip.json")
     records = load_checked_coco_instances(str(path), str(image_dir))
     obj = next(o for r in records for o in r["annotations"] if r["image_id"] == ann["image_id"])
     assert obj["bbox"] == [0.0, 0.0, float(width), 7.0]
@@ -331,27 +180,28 @@ def test_out_of_image_coordinates_are_clipped(tiny_coco, tmp_path, nfdet_log):
 
 
 def test_images_without_annotations_follow_filter_empty_annotations(tiny_coco, tmp_path,
-                                                                    nfdet_log):
+                                                                    nfdet_log, register_coco):
     data, _, image_dir = _coco(tiny_coco)
     data["annotations"] = [a for a in data["annotations"] if a["image_id"] != 2]
-    name = _register("empty_img", _write(data, tmp_path / "empty.json"), image_dir)
+    name = register_coco("empty_img", write_json(data, tmp_path / "empty.json"), image_dir)
     records = DatasetCatalog.get(name)
     assert len(records) == 4 and not next(r for r in records if r["image_id"] == 2)["annotations"]
     assert "1 images have no annotations" in nfdet_log()
     # FILTER_EMPTY_ANNOTATIONS True (default): left out of training.
-    assert len(build_train_loader(_detection_cfg(name)).dataset) == 3  # images sampled
+    assert len(build_train_loader(tiny_coco_cfg(name)).dataset) == 3  # images sampled
     # False: trained on as an image of background only.
-    cfg = _detection_cfg(name, DATALOADER__FILTER_EMPTY_ANNOTATIONS=False)
+    cfg = tiny_coco_cfg(name, DATALOADER__FILTER_EMPTY_ANNOTATIONS=False)
     mapped = NFNetDatasetMapper(cfg, True)(next(r for r in records if r["image_id"] == 2))
     assert len(mapped["instances"]) == 0 and mapped["image"].shape[0] == 3
     # Nothing left at all: a named error, not detectron2's bare assertion.
     data["annotations"] = []
-    name = _register("no_ann", _write(data, tmp_path / "none.json"), image_dir)
+    name = register_coco("no_ann", write_json(data, tmp_path / "none.json"), image_dir)
     with pytest.raises(DatasetError, match=rf"DATASETS.TRAIN \('{name}',\): nothing to train"):
-        build_train_loader(_detection_cfg(name))
+        build_train_loader(tiny_coco_cfg(name))
 
 
-def test_rle_masks_with_polygon_format_named_before_training(tmp_path, tiny_coco):
+def test_rle_masks_with_polygon_format_named_before_training(tmp_path, tiny_coco,
+                                                            register_coco):
     import pycocotools.mask as mask_util
 
     data, _, image_dir = _coco(tiny_coco)
@@ -360,21 +210,22 @@ def test_rle_masks_with_polygon_format_named_before_training(tmp_path, tiny_coco
     mask[2:9, 3:12] = 1
     rle = mask_util.encode(mask)
     ann["segmentation"] = {"size": [height, width], "counts": rle["counts"].decode()}
-    name = _register("rle", _write(data, tmp_path / "rle.json"), image_dir)
+    name = register_coco("rle", write_json(data, tmp_path / "rle.json"), image_dir)
     with pytest.raises(DatasetError, match=r"image '.*0001.png' has RLE masks.*INPUT.MASK_FORMAT"):
-        build_train_loader(_detection_cfg(name))
-    assert build_train_loader(_detection_cfg(name, INPUT__MASK_FORMAT="bitmask")) is not None
+        build_train_loader(tiny_coco_cfg(name))
+    assert build_train_loader(tiny_coco_cfg(name, INPUT__MASK_FORMAT="bitmask")) is not None
 
 
-def test_boxes_without_masks_with_mask_on_named_before_training(tmp_path, tiny_coco):
+def test_boxes_without_masks_with_mask_on_named_before_training(tmp_path, tiny_coco,
+                                                               register_coco):
     data, _, image_dir = _coco(tiny_coco)
     for ann in data["annotations"]:
         del ann["segmentation"]
-    name = _register("boxes", _write(data, tmp_path / "boxes.json"), image_dir)
+    name = register_coco("boxes", write_json(data, tmp_path / "boxes.json"), image_dir)
     with pytest.raises(DatasetError, match=r"image '.*0001.png' has an annotation without a "
                        r"mask, but MODEL.MASK_ON is True"):
-        build_train_loader(_detection_cfg(name))
-    batch = next(iter(build_train_loader(_detection_cfg(name, MODEL__MASK_ON=False))))
+        build_train_loader(tiny_coco_cfg(name))
+    batch = next(iter(build_train_loader(tiny_coco_cfg(name, MODEL__MASK_ON=False))))
     assert all(not d["instances"].has("gt_masks") for d in batch)
 
 
@@ -384,7 +235,7 @@ def test_boxes_without_masks_with_mask_on_named_before_training(tmp_path, tiny_c
 def test_missing_image_files_are_listed_up_front(tiny_coco, tmp_path):
     data, _, image_dir = _coco(tiny_coco)
     data["images"][2]["file_name"] = "gone.png"
-    path = _write(data, tmp_path / "gone.json")
+    path = write_json(data, tmp_path / "gone.json")
     with pytest.raises(DatasetError, match=rf"{path}: 1 of 4 image files are missing under "
                        rf"'{image_dir}': 'gone.png'"):
         load_checked_coco_instances(str(path), str(image_dir))
@@ -398,11 +249,12 @@ def _corrupt_images(image_dir: Path) -> tuple[Path, Path]:
     return truncated, not_image
 
 
-def test_truncated_and_non_images_skipped_in_training_stop_evaluation(tiny_coco, nfdet_log):
+def test_truncated_and_non_images_skipped_in_training_stop_evaluation(tiny_coco, nfdet_log,
+                                                                      register_coco):
     data, json_path, image_dir = _coco(tiny_coco)
     truncated, not_image = _corrupt_images(image_dir)
-    name = _register("corrupt_img", json_path, image_dir)
-    cfg = _detection_cfg(name)
+    name = register_coco("corrupt_img", json_path, image_dir)
+    cfg = tiny_coco_cfg(name)
     records = {Path(r["file_name"]).name: r for r in DatasetCatalog.get(name)}
 
     train = NFNetDatasetMapper(cfg, True, dataset_size=len(records))
@@ -423,12 +275,12 @@ def test_truncated_and_non_images_skipped_in_training_stop_evaluation(tiny_coco,
         evaluate(records["0002.png"])
 
 
-def test_too_many_bad_images_stop_training(tiny_coco):
+def test_too_many_bad_images_stop_training(tiny_coco, register_coco):
     data, json_path, image_dir = _coco(tiny_coco)
     for path in image_dir.glob("*.png"):
         path.write_bytes(b"\x89PNG broken")
-    name = _register("all_bad", json_path, image_dir)
-    cfg = _detection_cfg(name)
+    name = register_coco("all_bad", json_path, image_dir)
+    cfg = tiny_coco_cfg(name)
     records = DatasetCatalog.get(name)
     mapper = NFNetDatasetMapper(cfg, True, dataset_size=len(records))
     for record in records[:-1]:
@@ -446,14 +298,14 @@ def test_too_many_bad_images_stop_training(tiny_coco):
         mapper(bad[-1])
 
 
-def test_image_size_differs_from_annotation(tiny_coco, tmp_path):
+def test_image_size_differs_from_annotation(tiny_coco, tmp_path, register_coco):
     data, _, image_dir = _coco(tiny_coco)
     data["images"][0]["width"] += 7
-    name = _register("size", _write(data, tmp_path / "size.json"), image_dir)
+    name = register_coco("size", write_json(data, tmp_path / "size.json"), image_dir)
     record = DatasetCatalog.get(name)[0]
     with pytest.raises(ImageReadError, match=r"0001.png' is \d+x\d+ .* annotation says"):
-        NFNetDatasetMapper(_detection_cfg(name), False)(record)
-    assert NFNetDatasetMapper(_detection_cfg(name), True)(record) is None
+        NFNetDatasetMapper(tiny_coco_cfg(name), False)(record)
+    assert NFNetDatasetMapper(tiny_coco_cfg(name), True)(record) is None
 
 
 def _mode_images(size: tuple[int, int] = (96, 80)) -> dict[str, tuple[Image.Image, np.ndarray]]:
@@ -482,7 +334,7 @@ def test_grayscale_rgba_16bit_read_as_rgb_uint8(tmp_path):
         np.testing.assert_array_equal(np.asarray(rgb), expected, err_msg=mode)
 
 
-def test_grayscale_rgba_16bit_train_and_infer(tiny_coco, tmp_path):
+def test_grayscale_rgba_16bit_train_and_infer(tiny_coco, tmp_path, register_coco):
     """A dataset of grayscale, RGBA and 16-bit PNGs trains 2 iterations and runs inference;
     the mapper feeds the model the right RGB (or BGR) pixels."""
     from nfdet.detection import NFNetTrainer
@@ -496,10 +348,10 @@ def test_grayscale_rgba_16bit_train_and_infer(tiny_coco, tmp_path):
                          np.uint16) * 257)}[mode]
         img_info["file_name"] = f"{mode}.png"
         converted.save(image_dir / img_info["file_name"])
-    name = _register("modes", _write(data, tmp_path / "modes.json"), image_dir)
+    name = register_coco("modes", write_json(data, tmp_path / "modes.json"), image_dir)
     records = {Path(r["file_name"]).stem: r for r in DatasetCatalog.get(name)}
 
-    cfg = _detection_cfg(name, INPUT__MIN_SIZE_TEST=0, OUTPUT_DIR=tmp_path / "out",
+    cfg = tiny_coco_cfg(name, INPUT__MIN_SIZE_TEST=0, OUTPUT_DIR=tmp_path / "out",
                          SOLVER__MAX_ITER=2, SOLVER__CHECKPOINT_PERIOD=100, TEST__EVAL_PERIOD=0)
     for mode in images:
         source = np.asarray(Image.open(image_dir / f"{mode}.png"))

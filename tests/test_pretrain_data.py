@@ -1,14 +1,15 @@
-"""Issue 9, bad input on the pretraining path (nfdet.classification): bad images in class folders
-and file lists, image modes, missing list entries. Config errors: test_reliability_input.py."""
+"""nfdet.classification.data with bad input: bad images in class folders and file lists, image
+modes, missing list entries. Config errors: test_configs.py; detection data: test_detection_data.py.
+"""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import write_image_folder
 from PIL import Image
 
 from nfdet.classification import build_dataset, build_train_transform
@@ -17,28 +18,8 @@ from nfdet.classification.data import ClassificationDataset
 from nfdet.data.validate import DatasetError, ImageReadError
 
 
-@pytest.fixture
-def nfdet_log():
-    """Messages of the "nfdet" loggers (handler on the logger: see test_reliability_input.py)."""
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.INFO)
-    handler.emit = records.append
-    log = logging.getLogger("nfdet")
-    log.addHandler(handler)
-    yield lambda: "\n".join(r.getMessage() for r in records)
-    log.removeHandler(handler)
-
-
 def _folder(root: Path, per_class: int = 3, size: int = 24) -> Path:
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for name in ("a", "b"):
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i}.png")
-    return root
+    return write_image_folder(root, ("a", "b"), per_class, size, splits=("train", "val"))
 
 
 def _cfg(root: Path, *opts: str):
