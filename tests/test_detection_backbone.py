@@ -132,13 +132,25 @@ def _targets(h: int, w: int) -> Instances:
     return inst
 
 
+@pytest.mark.parametrize("fpn_norm", ["GN", ""], ids=["fpn_gn", "fpn_plain"])
 @pytest.mark.parametrize("freeze_at", [0, 2])
-def test_detector_has_no_norm_and_every_backbone_param_gets_a_gradient(freeze_at):
+def test_detector_has_no_norm_and_every_backbone_param_gets_a_gradient(freeze_at, fpn_norm):
     torch.manual_seed(0)
-    cfg = quick_cfg("MODEL.BACKBONE.FREEZE_AT", freeze_at, "MODEL.ROI_HEADS.NUM_CLASSES", 2)
+    cfg = quick_cfg("MODEL.BACKBONE.FREEZE_AT", freeze_at, "MODEL.ROI_HEADS.NUM_CLASSES", 2,
+                    "MODEL.FPN.NORM", fpn_norm)
     model = build_model(cfg)
-    norms = [n for n, m in model.backbone.named_modules() if isinstance(m, NORM_TYPES)]
-    assert norms == []
+    # The NF trunk never has a normalization layer; the FPN around it has GroupNorm only when
+    # MODEL.FPN.NORM asks for it (the small-batch default), and then in every FPN conv.
+    trunk_norms = [n for n, m in model.backbone.bottom_up.named_modules()
+                   if isinstance(m, NORM_TYPES)]
+    assert trunk_norms == []
+    norms = {n: type(m) for n, m in model.backbone.named_modules() if isinstance(m, NORM_TYPES)}
+    if fpn_norm:
+        fpn_convs = [n for n, _ in model.backbone.named_children() if n.startswith("fpn_")]
+        assert fpn_convs and sorted(norms) == sorted(f"{n}.norm" for n in fpn_convs)
+        assert set(norms.values()) == {torch.nn.GroupNorm}
+    else:
+        assert norms == {}
     model.train()
     batch = [
         {"image": torch.randint(0, 256, (3, 96, 128)).float(), "instances": _targets(96, 128)}

@@ -16,7 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from crash import kill_when, rows_by_step, run_with_faults, start_with_faults
+from helpers import FLAT_SHAPES, REPO, run_tool, write_flat_shapes
 from PIL import Image
+from test_pretrain_train import FULL_RECIPE, _pretrain_args
 
 from nfdet.classification import build_dataset, launch_from_args, pretrain_argument_parser
 from nfdet.classification.config import load_pretrain_cfg
@@ -24,19 +27,6 @@ from nfdet.classification.data import build_test_loader, build_train_loader
 from nfdet.classification.engine import PretrainTrainer
 from nfdet.classification.shards import write_shards
 from nfdet.data.validate import DatasetError, ImageReadError
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).parent))
-import test_reliability_input_pretrain  # noqa: E402
-from test_pretrain_train import FULL_RECIPE, make_shapes  # noqa: E402
-
-nfdet_log = test_reliability_input_pretrain.nfdet_log  # the "nfdet" log fixture
-
-
-def _tool(name: str, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, str(REPO / "tools" / name), *args], env=env,
-                          capture_output=True, text=True, timeout=300)
 
 
 def _in_process(name: str, *args: str, capsys) -> subprocess.CompletedProcess:
@@ -197,7 +187,7 @@ def test_too_few_shards_for_the_readers_is_named(numbered_shards):
 
 
 def test_shards_train_the_nano_model_as_the_folder(tmp_path, capsys):
-    make_shapes(tmp_path / "shapes", n_train=8, n_val=4, size=32)
+    write_flat_shapes(tmp_path / "shapes", {"train": 8, "val": 4}, size=32)
     for split in ("train", "val"):
         res = _in_process("make_shards.py", str(tmp_path / "shapes" / split),
                           str(tmp_path / "shards" / split), "--shard-size", "4", "--no-progress",
@@ -229,7 +219,7 @@ def test_shards_train_the_nano_model_as_the_folder(tmp_path, capsys):
 
 def test_interrupted_and_resumed_on_shards_gives_the_same_losses(tmp_path, capsys):
     # Three short runs with the full recipe (mixing, RandAugment, dropout): ~12 s on 2 cores.
-    make_shapes(tmp_path / "shapes", n_train=16, n_val=1, size=32)
+    write_flat_shapes(tmp_path / "shapes", {"train": 16, "val": 1}, size=32)
     res = _in_process("make_shards.py", str(tmp_path / "shapes" / "train"),
                       str(tmp_path / "shards" / "train"), "--shard-size", "8", "--no-progress",
                       capsys=capsys)
@@ -260,29 +250,27 @@ def test_interrupted_and_resumed_on_shards_gives_the_same_losses(tmp_path, capsy
 def test_killed_anywhere_and_resumed_on_shards_gives_the_same_losses(tmp_path):
     # ~45 s on 2 cores: the real command in subprocesses (test_reliability_resume's harness),
     # SIGKILLed mid-pass at an arbitrary moment, resumed with a loader worker.
-    from test_reliability_resume import _kill_when, _make_shapes, _pretrain_args, _rows_by_step
-    from test_reliability_resume import _run as run
-    from test_reliability_resume import _start as start
-
-    _make_shapes(tmp_path / "shapes", per_class=22)  # 66 images: 4 steps of 16 a pass
+    write_flat_shapes(tmp_path / "shapes", {"train": 22}, size=32,
+                      classes=FLAT_SHAPES[:3])  # 66 images: 4 steps of 16 a pass
     write_shards(str(tmp_path / "shapes" / "train"), str(tmp_path / "shards" / "train"),
                  shard_size=8, progress=False)
     wds = ["DATA.FORMAT", "wds", "DATA.ROOT", str(tmp_path / "shards"), "SOLVER.MAX_ITER", "12",
            "DATA.WDS.SHUFFLE_BUFFER", "6", "SOLVER.CHECKPOINT_PERIOD", "3"]
-    rc, log = run(tmp_path, "pretrain_net.py", _pretrain_args(tmp_path, tmp_path / "ref", 0) + wds)
+    rc, log = run_with_faults(tmp_path, "pretrain_net.py",
+                              _pretrain_args(tmp_path, tmp_path / "ref", 0) + wds)
     assert rc == 0, log[-4000:]
     out = tmp_path / "killed"
     args = _pretrain_args(tmp_path, out, 1) + wds
-    proc = start(tmp_path, "pretrain_net.py", args)
+    proc = start_with_faults(tmp_path, "pretrain_net.py", args)
     # Killed once step 4 is logged: resumed from the checkpoint of step 3, mid-pass.
     metrics = out / "metrics.jsonl"
-    _kill_when(proc, lambda: metrics.exists() and '"step": 4,' in metrics.read_text(), delay=0.0)
-    rc, log = run(tmp_path, "pretrain_net.py", ["--resume", *args])
+    kill_when(proc, lambda: metrics.exists() and '"step": 4,' in metrics.read_text(), delay=0.0)
+    rc, log = run_with_faults(tmp_path, "pretrain_net.py", ["--resume", *args])
     assert rc == 0 and "model_0000003.pth at step 3" in log, log[-4000:]
 
     def rows(path):
         lines = [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
-        return _rows_by_step([r for r in lines if "loss" in r], "step", ["loss", "lr"])
+        return rows_by_step([r for r in lines if "loss" in r], "step", ["loss", "lr"])
 
     expected = rows(tmp_path / "ref")
     assert sorted(expected) == list(range(1, 13))
@@ -419,7 +407,7 @@ def test_pretrain_net_error_in_a_loader_worker_is_one_line(tmp_path):
     _write_tar(tmp_path / "t-0.tar", [_good(i) for i in range(3)] + [
         {"__key__": "big", "png": _png(3), "cls": b"9"}])
     _write_tar(tmp_path / "t-1.tar", [_good(i) for i in range(4, 8)])
-    res = _tool("pretrain_net.py", *BASE, "OUTPUT_DIR", str(tmp_path / "o"), "DATA.ROOT",
+    res = run_tool("pretrain_net.py", *BASE, "OUTPUT_DIR", str(tmp_path / "o"), "DATA.ROOT",
                 str(tmp_path), "DATA.FORMAT", "wds", "DATA.TRAIN_SPLIT", "t-{0..1}.tar",
                 "DATA.VAL_SPLIT", "", "DATA.WDS.NUM_SAMPLES", "8", "SOLVER.IMS_PER_BATCH", "4",
                 "DATA.NUM_WORKERS", "2")
