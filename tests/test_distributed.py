@@ -164,10 +164,12 @@ def test_torchrun_pretraining_ranks_agree(tmp_path):
     driver = tmp_path / "driver.py"
     driver.write_text(textwrap.dedent(PRETRAIN_DRIVER))
     out = tmp_path / "out"
-    # --num-gpus 1 (the default): torchrun's processes are used, none spawned.
+    # --num-gpus 1 (the default): torchrun's processes are used, none spawned. Activation
+    # checkpointing on: it runs under DDP too.
     _torchrun([str(driver), "--config", "nfnet_nano_shapes.yaml",
                "DATA.ROOT", str(tmp_path / "shapes"), *FULL_RECIPE,
-               "SOLVER.IMS_PER_BATCH", "8", "SOLVER.MAX_ITER", "3", "OUTPUT_DIR", str(out)])
+               "SOLVER.IMS_PER_BATCH", "8", "SOLVER.MAX_ITER", "3", "OUTPUT_DIR", str(out),
+               "MODEL.NFNET.ACTIVATION_CHECKPOINT", "block"])
     r0, r1 = (torch.load(out / f"rank{r}.pth", weights_only=True) for r in range(2))
     assert r0["world_size"] == r1["world_size"] == 2
     for part in ("model", "ema"):
