@@ -215,10 +215,14 @@ def launcher_env(environ: Mapping[str, str] | None = None) -> LaunchEnv | None:
 def _init_process_group(env: LaunchEnv, timeout: timedelta) -> None:
     has_gpu = torch.cuda.is_available()
     if has_gpu:
-        if env.local_rank >= torch.cuda.device_count():
-            raise ValueError(f"{env.launcher}: local rank {env.local_rank} but only "
-                             f"{torch.cuda.device_count()} GPU(s) visible")
-        torch.cuda.set_device(env.local_rank)
+        count = torch.cuda.device_count()
+        if env.local_rank < count:
+            torch.cuda.set_device(env.local_rank)
+        elif count == 1:  # each process sees its own GPU (e.g. srun --gpus-per-task 1)
+            torch.cuda.set_device(0)
+        else:
+            raise ValueError(f"{env.launcher}: local rank {env.local_rank} but only {count} "
+                             "GPUs visible")
     # env:// reads MASTER_ADDR / MASTER_PORT / RANK / WORLD_SIZE itself (and torchrun's store).
     dist.init_process_group(
         backend="nccl" if has_gpu else "gloo", init_method=env.init_method,

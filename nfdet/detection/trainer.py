@@ -96,15 +96,18 @@ class _WriteBeforeCheckpoint(HookBase):
 
 
 @contextlib.contextmanager
-def _ddp_on_cpu():
-    """While inside, detectron2's ``create_ddp_model`` wraps a CPU model without ``device_ids``
-    (it passes the local rank, which DDP refuses for CPU modules): gloo processes on CPU, e.g.
-    under ``torchrun``, train as GPU processes do."""
+def _ddp_on_model_device():
+    """While inside, detectron2's ``create_ddp_model`` wraps a model on the device it is on:
+    detectron2 passes ``device_ids=[local rank]``, which DDP refuses for a CPU model (gloo
+    processes, e.g. under ``torchrun``) and which is wrong when each process sees only its own
+    GPU (``srun --gpus-per-task 1``: the local rank may be 3, the device ``cuda:0``)."""
     original = d2_defaults.create_ddp_model
 
     def create_ddp_model(model, **kwargs):
-        if all(p.device.type == "cpu" for p in model.parameters()):
-            kwargs.setdefault("device_ids", None)
+        devices = {p.device for p in model.parameters()}
+        if len(devices) == 1:
+            device = devices.pop()
+            kwargs.setdefault("device_ids", None if device.type == "cpu" else [device.index])
         return original(model, **kwargs)
 
     d2_defaults.create_ddp_model = create_ddp_model
@@ -125,7 +128,7 @@ class NFNetTrainer(DefaultTrainer):
     """
 
     def __init__(self, cfg):
-        with _ddp_on_cpu():
+        with _ddp_on_model_device():
             super().__init__(cfg)
         self.seed = int(cfg.SEED) if cfg.SEED >= 0 else int(comm.shared_random_seed())
         # DefaultTrainer builds a plain DetectionCheckpointer; swap in ours, also in the periodic
