@@ -15,6 +15,7 @@ of two ways:
 fake one) and ``launch`` acts on it. The process group is set up the way detectron2's ``launch``
 does it (NCCL with GPUs, gloo without; ``comm.create_local_process_group`` for the per-machine
 group that ``comm.get_local_rank`` reads; a barrier), so detectron2's utilities work unchanged.
+A process uses GPU ``LOCAL_RANK``, or GPU 0 when it sees only one (``srun --gpus-per-task 1``).
 
 SLURM: the rendezvous address is ``MASTER_ADDR`` when set, else the first host of the step's
 node list (``SLURM_STEP_NODELIST``, ``SLURM_JOB_NODELIST`` or ``SLURM_NODELIST``); the port is
