@@ -5,6 +5,7 @@ gloo on CPU."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -121,12 +122,19 @@ def _torchrun(args: list[str], timeout: int = 240) -> str:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SLURM_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_"))}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run(
+    # A session of its own: on a timeout the whole group goes (torchrun's workers included).
+    proc = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          *args],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
     )
-    output = proc.stdout + proc.stderr
+    try:
+        output = proc.communicate(timeout=timeout)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     assert proc.returncode == 0, output[-5000:]
     return output
 
@@ -230,7 +238,13 @@ def test_srun_tasks_join_one_group(tmp_path):
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               env=dict(base, SLURM_PROCID=str(r), SLURM_LOCALID="0"))
              for r in range(2)]
-    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    try:
+        outputs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     assert [p.returncode for p in procs] == [0, 0], outputs
     # Two "nodes" of one task each: global ranks 0 and 1, local rank 0 of 1 on each.
     assert "task 0 2 0 1" in outputs[0] and "task 1 2 0 1" in outputs[1], outputs
