@@ -74,6 +74,10 @@ def add_nfnet_config(cfg: CN) -> None:
     # the classifier see it). False: res5 is the raw last-stage residual stream and the final conv
     # is not built.
     cfg.MODEL.NFNET.RES5_FINAL_CONV = True
+    # Activation checkpointing of the trunk in training: "" off, "stage" (the stem and each stage
+    # keep only their input and are recomputed in backward) or "block" (each block): less memory
+    # for more compute, same losses and gradients (nfdet.modeling.NFNetTrunk).
+    cfg.MODEL.NFNET.ACTIVATION_CHECKPOINT = ""
     add_agc_config(cfg)
     # Log per-stage training statistics (nfdet.solver.stats) every N iterations; 0: never.
     cfg.SOLVER.STATS_PERIOD = 20
@@ -267,7 +271,8 @@ def merge_config(cfg: CN, config_file: str | None = None,
 
 def check_nfnet_config(cfg: CN, config_file: str | None = None,
                        opts: Sequence[str] | None = None) -> None:
-    """Check nfdet's keys after merging: ``MODEL.NFNET.VARIANT`` must name a variant.
+    """Check nfdet's keys after merging: ``MODEL.NFNET.VARIANT`` must name a variant and
+    ``MODEL.NFNET.ACTIVATION_CHECKPOINT`` be "", "stage" or "block".
 
     Raises:
         ConfigError: naming the key, the value, where it was set, and the valid values.
@@ -283,3 +288,9 @@ def check_nfnet_config(cfg: CN, config_file: str | None = None,
             _key_source(_yaml_chain(config_file), "MODEL.NFNET.VARIANT") if config_file
             else "defaults")
         raise ConfigError(f"{where}: MODEL.NFNET.VARIANT: {e}") from None
+    from .modeling.nfnet import ACTIVATION_CHECKPOINT_MODES
+
+    mode = cfg.MODEL.NFNET.get("ACTIVATION_CHECKPOINT", "")
+    if mode not in ACTIVATION_CHECKPOINT_MODES:
+        raise ConfigError(f"MODEL.NFNET.ACTIVATION_CHECKPOINT must be '', 'stage' or 'block', "
+                          f"got {mode!r}")

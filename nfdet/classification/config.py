@@ -47,8 +47,11 @@ def add_pretrain_config(cfg: CN) -> None:
     # Stochastic depth (DeepMind's NFNet config: 0.25).
     _C.MODEL.NFNET.DROP_PATH_RATE = 0.25
     # Optional initial weights: an nfdet checkpoint ({"model": classifier state dict}) or a
-    # pretraining checkpoint. A classifier of another size is skipped with a warning.
+    # pretraining checkpoint. A classifier of another size (another label space: fine-tuning)
+    # is skipped and starts new (HEAD_INIT_STD); the log names the new keys.
     _C.MODEL.WEIGHTS = ""
+    # The classifier weight starts N(0, HEAD_INIT_STD**2) (DeepMind's default 0.01); 0: zeros.
+    _C.MODEL.HEAD_INIT_STD = 0.01
     # Train in torch.channels_last memory format (faster convs with AMP on recent GPUs).
     _C.MODEL.CHANNELS_LAST = False
 
@@ -268,6 +271,8 @@ def check_pretrain_config(cfg: CN) -> None:
                        ("DATA.WDS.SHUFFLE_BUFFER", cfg.DATA.WDS.SHUFFLE_BUFFER)):
         if not isinstance(value, int) or value < 0:
             fail(key, value, "an integer >= 0")
+    if not isinstance(cfg.MODEL.HEAD_INIT_STD, (int, float)) or not cfg.MODEL.HEAD_INIT_STD >= 0:
+        fail("MODEL.HEAD_INIT_STD", cfg.MODEL.HEAD_INIT_STD, "a number >= 0")
     if not isinstance(ra.MAGNITUDE, (int, float)) or not ra.MAGNITUDE >= 0:
         fail("INPUT.RANDAUGMENT.MAGNITUDE", ra.MAGNITUDE, ">= 0")
     if ra.IMPL.lower() == "torchvision" and not isinstance(ra.MAGNITUDE, int):

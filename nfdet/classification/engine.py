@@ -89,12 +89,15 @@ def _variant_note(ckpt: dict, variant: str) -> str:
 
 
 def build_pretrain_model(cfg) -> nn.Module:
-    """The NFNet classifier of ``cfg`` (variant, classes, dropout, stochastic depth)."""
+    """The NFNet classifier of ``cfg`` (variant, classes, dropout, stochastic depth, activation
+    checkpointing, the classifier's initialisation)."""
     return build_nfnet(
         cfg.MODEL.NFNET.VARIANT,
         num_classes=cfg.MODEL.NUM_CLASSES,
         drop_rate=cfg.MODEL.DROPOUT,
         drop_path_rate=cfg.MODEL.NFNET.DROP_PATH_RATE,
+        activation_checkpoint=cfg.MODEL.NFNET.ACTIVATION_CHECKPOINT,
+        head_init_std=cfg.MODEL.HEAD_INIT_STD,
     )
 
 
@@ -352,13 +355,17 @@ class PretrainTrainer:
         return seed[0]
 
     def _load_initial_weights(self, path: str) -> None:
+        """Load ``MODEL.WEIGHTS``: every trunk tensor must fit; a classifier of another label
+        space (other shape, or none in the file) is skipped and keeps its new initialisation
+        (``MODEL.HEAD_INIT_STD``). The log names the loaded, new and skipped keys."""
         ckpt = load_checkpoint_file(path)
         state = dict(ckpt["model"])
         own = self.model.state_dict()
-        # A classifier head of another size (pretrained on other classes) is skipped.
-        skipped = [k for k in ("head.fc.weight", "head.fc.bias")
-                   if k in state and k in own and state[k].shape != own[k].shape]
-        problems = state_dict_mismatch(own, state, ignore=tuple(skipped))
+        head = ("head.fc.weight", "head.fc.bias")
+        # A classifier of another size (pretrained on other classes) is skipped.
+        skipped = [k for k in head if k in state and k in own and state[k].shape != own[k].shape]
+        new = [k for k in head if k in own and (k not in state or k in skipped)]
+        problems = state_dict_mismatch(own, state, ignore=tuple(new))
         if problems:
             raise ValueError(
                 f"MODEL.WEIGHTS {path} does not fit NFNet {self.variant}"
@@ -367,9 +374,22 @@ class PretrainTrainer:
         for k in skipped:
             del state[k]
         self.model.load_state_dict(state, strict=False)
-        if skipped:
-            logger.warning("MODEL.WEIGHTS: classifier of another size skipped (%s)", skipped)
-        logger.info("Initial weights loaded from %s", path)
+        logger.info("Initial weights loaded from %s: %d of %d tensors", path, len(state),
+                    len(own))
+        if new:
+            std = float(self.cfg.MODEL.HEAD_INIT_STD)
+            init = f"N(0, {std:g}^2)" if std > 0 else "zeros"
+            shapes = "; ".join(f"{k}: checkpoint {tuple(ckpt['model'][k].shape)}, "
+                               f"model {tuple(own[k].shape)}" for k in skipped)
+            logger.warning("MODEL.WEIGHTS: new classifier (%d classes), weight %s, bias 0: "
+                           "new keys %s; skipped from the checkpoint %s%s",
+                           self.cfg.MODEL.NUM_CLASSES, init, new, skipped or "none",
+                           f" ({shapes})" if shapes else "")
+        meta = ckpt.get("meta") if isinstance(ckpt.get("meta"), dict) else {}
+        size = meta.get("train_size")
+        if size and int(size) != int(self.cfg.INPUT.TRAIN_SIZE):
+            logger.info("MODEL.WEIGHTS was trained at %s px, this run at %d px (no weight "
+                        "depends on the resolution)", size, self.cfg.INPUT.TRAIN_SIZE)
 
     def resume_or_load(self, resume: bool) -> None:
         """With ``resume``, restore the newest checkpoint of ``OUTPUT_DIR`` if there is one.

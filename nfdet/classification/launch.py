@@ -3,7 +3,9 @@
 ``tools/pretrain_net.py`` is a thin wrapper around ``pretrain_argument_parser`` and
 ``launch_from_args``. Processes are started by detectron2's ``launch`` (imported lazily, so
 ``import nfdet.classification`` does not need detectron2): one per GPU with NCCL, or, without a
-GPU, ``--num-gpus N`` CPU processes with gloo.
+GPU, ``--num-gpus N`` CPU processes with gloo. Under ``torchrun`` or a multi-task ``srun``
+every process is already there and joins the process group from its environment
+(``nfdet.distributed``); nothing is spawned then.
 
 A config that cannot be found or merged (an unknown name or key, with the closest valid ones
 suggested; a bad value) ends the command with a one-line usage error (exit status 2) before any
@@ -19,6 +21,7 @@ import sys
 
 import torch
 
+from .. import distributed
 from ..config import ConfigError, resolve_config_file
 from .config import load_pretrain_cfg
 from .engine import PretrainTrainer, get_rank
@@ -100,9 +103,11 @@ def setup(args: argparse.Namespace):
 
 
 def _limit_cpu_threads(args: argparse.Namespace) -> None:
-    # Several CPU processes on one machine share its cores.
-    if not torch.cuda.is_available() and args.num_gpus > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.num_gpus))
+    # Several CPU processes on one machine share its cores (torchrun sets OMP_NUM_THREADS).
+    env = distributed.launcher_env()
+    per_machine = env.local_world_size if env is not None else args.num_gpus
+    if not torch.cuda.is_available() and per_machine > 1 and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // per_machine))
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -123,7 +128,8 @@ def main(args: argparse.Namespace) -> dict:
 
 def launch(main_func, num_gpus_per_machine: int, num_machines: int = 1, machine_rank: int = 0,
            dist_url: str = "auto", args: tuple = ()) -> None:
-    """Start ``main_func(*args)`` in ``num_gpus_per_machine * num_machines`` processes.
+    """Start ``main_func(*args)`` in ``num_gpus_per_machine * num_machines`` processes, or run
+    it in this process when torchrun / srun started the processes (``nfdet.distributed``).
 
     Uses detectron2's ``launch``, which picks NCCL with GPUs and gloo without (CPU processes).
     A single process runs in place without torch.distributed.
@@ -131,6 +137,10 @@ def launch(main_func, num_gpus_per_machine: int, num_machines: int = 1, machine_
     Raises:
         ValueError: more processes than GPUs, or ``dist_url='auto'`` with several machines.
     """
+    if distributed.launcher_env() is not None:
+        distributed.launch(main_func, num_gpus_per_machine, num_machines=num_machines,
+                           machine_rank=machine_rank, dist_url=dist_url, args=args)
+        return
     if torch.cuda.is_available() and num_gpus_per_machine > torch.cuda.device_count():
         raise ValueError(f"--num-gpus {num_gpus_per_machine} but only "
                          f"{torch.cuda.device_count()} GPU(s) visible")
@@ -150,9 +160,10 @@ def launch_from_args(args: argparse.Namespace) -> None:
     """
     try:
         load_pretrain_cfg(args.config_file, args.opts)
-    except (FileNotFoundError, ConfigError) as e:
+        env = distributed.launcher_env()  # a variable torchrun / srun set that cannot be read
+    except (FileNotFoundError, ConfigError, ValueError) as e:
         pretrain_argument_parser().error(str(e))
-    if args.num_gpus * args.num_machines == 1:
+    if args.num_gpus * args.num_machines == 1 and env is None:
         main(args)  # no need to import detectron2 for a single process
         return
     launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,

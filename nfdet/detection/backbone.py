@@ -48,6 +48,8 @@ class NFNetBackbone(Backbone):
         freeze_at (int): detectron2's meaning: 0 trains everything, 1 freezes the stem, k >= 2
             freezes the stem and ``res2``..``res{k}`` (5 includes the final conv).
         in_channels (int): image channels.
+        activation_checkpoint (str): the trunk's activation checkpointing in training ("",
+            "stage", "block"; ``MODEL.NFNET.ACTIVATION_CHECKPOINT``, see ``NFNetTrunk``).
     """
 
     def __init__(
@@ -58,6 +60,7 @@ class NFNetBackbone(Backbone):
         drop_path_rate: float = 0.0,
         freeze_at: int = 0,
         in_channels: int = 3,
+        activation_checkpoint: str = "",
     ):
         super().__init__()
         out_features = list(out_features)
@@ -75,6 +78,7 @@ class NFNetBackbone(Backbone):
             final_conv=self.res5_final_conv,
             drop_path_rate=drop_path_rate,
             in_channels=in_channels,
+            activation_checkpoint=activation_checkpoint,
         )
         # Keep detectron2's order (res2 first) whatever order the config lists.
         self._out_features = [f for f in STAGE_NAMES if f in out_features]
@@ -169,6 +173,7 @@ def build_nfnet_backbone(cfg, input_shape: ShapeSpec) -> NFNetBackbone:
         drop_path_rate=cfg.MODEL.NFNET.DROP_PATH_RATE,
         freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT,
         in_channels=input_shape.channels,
+        activation_checkpoint=cfg.MODEL.NFNET.ACTIVATION_CHECKPOINT,
     )
 
 

@@ -67,6 +67,9 @@ def add_detection_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, default=640, help="input width (fixed)")
     parser.add_argument("--objects", type=int, default=4, help="objects per image")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    parser.add_argument("--activation-checkpoint", default=None, metavar="MODES",
+                        help="comma-separated MODEL.NFNET.ACTIVATION_CHECKPOINT modes to run "
+                        "each NFNet config in, side by side (off, stage, block), e.g. off,block")
     parser.add_argument("opts", nargs=argparse.REMAINDER,
                         help="KEY VALUE overrides applied to every config")
     add_common_arguments(parser, repeats=3, warmup=1)
@@ -151,10 +154,21 @@ def benchmark_detection(args: argparse.Namespace) -> dict:
     if args.smoke:
         args.repeats, args.warmup, args.batch_size = 1, 1, 1
         args.height, args.width, args.objects = 128, 160, 2
-    names = [c.strip() for c in args.configs.split(",") if c.strip()]
+    names, runs = [], {}
+    for config in (c.strip() for c in args.configs.split(",") if c.strip()):
+        # --activation-checkpoint: the config once per mode (detectron2's own configs once).
+        modes: list[str | None] = [None]
+        if args.activation_checkpoint and not config.startswith("d2:"):
+            modes = [m.strip().replace("off", "") for m in args.activation_checkpoint.split(",")]
+        for mode in modes:
+            name = config if mode is None else f"{config} [checkpoint {mode or 'off'}]"
+            opts = [] if mode is None else ["MODEL.NFNET.ACTIVATION_CHECKPOINT", mode]
+            names.append(name)
+            runs[name] = (config, opts)
     cases, models = {}, {}
     for name in names:
-        cfg = load_benchmark_config(name, args.opts or [], device)
+        config, opts = runs[name]
+        cfg = load_benchmark_config(config, list(args.opts or []) + opts, device)
         batch = synthetic_batch(args.batch_size, args.height, args.width, args.objects,
                                 cfg.MODEL.ROI_HEADS.NUM_CLASSES)
         train_step, infer, model, optimizer = _detector_cases(cfg, batch, device)

@@ -3,7 +3,9 @@
 detectron2's standard command line plus: ``--config`` as an alias of ``--config-file``, a bare
 config name resolved under the repository's ``configs/``, and ``--register-coco NAME JSON
 IMAGE_DIR`` (repeatable) to use any COCO-format dataset in ``DATASETS.TRAIN`` / ``DATASETS.TEST``
-(checked when loaded: ``nfdet.detection.data``).
+(checked when loaded: ``nfdet.detection.data``). Under ``torchrun`` or a multi-task ``srun``
+each started process joins the process group from its environment and nothing is spawned
+(``nfdet.distributed``).
 
 Bad input fails before workers start where it can: an unknown config name, key or variant
 (``ConfigError``, with close matches), a missing annotation file or image folder, an
@@ -21,11 +23,12 @@ from collections.abc import Sequence
 
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..config import CONFIGS_DIR, ConfigError, merge_config, resolve_config_file
+from ..distributed import launch, launcher_env
 from .checkpoint import NFNetCheckpointer
 from .config import get_nfdet_cfg
 from .data import DatasetError, ImageReadError, check_dataset_names, register_checked_coco
@@ -154,7 +157,8 @@ def train_main(args: argparse.Namespace, trainer_cls: type = NFNetTrainer):
 
 
 def launch_train(argv: Sequence[str] | None = None, main=train_main):
-    """Parse ``argv`` and ``launch`` ``main(args)`` on ``--num-gpus`` processes per machine."""
+    """Parse ``argv`` and ``launch`` ``main(args)`` on ``--num-gpus`` processes per machine, or
+    in this process when torchrun / srun started the processes (``nfdet.distributed``)."""
     parser = train_argument_parser()
     args = parser.parse_args(argv)
     # Fail before spawning workers on a config that cannot be found or merged, or datasets
@@ -163,6 +167,7 @@ def launch_train(argv: Sequence[str] | None = None, main=train_main):
         args.config_file = resolve_config_file(args.config_file)
         register_coco_datasets(args.register_coco)
         check_dataset_names(setup_cfg(args, freeze=False))
+        launcher_env()  # a variable torchrun / srun set that cannot be read
     except (FileNotFoundError, ConfigError, DatasetError, ValueError) as e:
         parser.error(str(e))
     print("Command Line Args:", args)

@@ -22,6 +22,7 @@ that a resumed run uses the seed of the run it continues. The loader (``Resumabl
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -29,6 +30,7 @@ import weakref
 from typing import Any
 
 from detectron2.engine import DefaultTrainer, HookBase, hooks
+from detectron2.engine import defaults as d2_defaults
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator
 from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter
@@ -93,6 +95,28 @@ class _WriteBeforeCheckpoint(HookBase):
                 writer.write()
 
 
+@contextlib.contextmanager
+def _ddp_on_model_device():
+    """While inside, detectron2's ``create_ddp_model`` wraps a model on the device it is on:
+    detectron2 passes ``device_ids=[local rank]``, which DDP refuses for a CPU model (gloo
+    processes, e.g. under ``torchrun``) and which is wrong when each process sees only its own
+    GPU (``srun --gpus-per-task 1``: the local rank may be 3, the device ``cuda:0``)."""
+    original = d2_defaults.create_ddp_model
+
+    def create_ddp_model(model, **kwargs):
+        devices = {p.device for p in model.parameters()}
+        if len(devices) == 1:
+            device = devices.pop()
+            kwargs.setdefault("device_ids", None if device.type == "cpu" else [device.index])
+        return original(model, **kwargs)
+
+    d2_defaults.create_ddp_model = create_ddp_model
+    try:
+        yield
+    finally:
+        d2_defaults.create_ddp_model = original
+
+
 class NFNetTrainer(DefaultTrainer):
     """``DefaultTrainer`` with nfdet's optimizer, COCO evaluation, AGC logging, a checkpointer
     that reads nfdet classification checkpoints and writes atomically (``NFNetCheckpointer``),
@@ -104,7 +128,8 @@ class NFNetTrainer(DefaultTrainer):
     """
 
     def __init__(self, cfg):
-        super().__init__(cfg)
+        with _ddp_on_model_device():
+            super().__init__(cfg)
         self.seed = int(cfg.SEED) if cfg.SEED >= 0 else int(comm.shared_random_seed())
         # DefaultTrainer builds a plain DetectionCheckpointer; swap in ours, also in the periodic
         # checkpoint hook that already holds the old one.

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from . import fused
 from .activations import get_activation
@@ -23,15 +24,26 @@ from .layers import (
     ScaledStdConv2d,
     SqueezeExcite,
     StochasticDepth,
+    capturing_graph,
     spatial_mean,
 )
 from .variants import NFNetSpec, get_variant
 
-__all__ = ["NFBlock", "NFStem", "NFNetTrunk", "NFNet", "build_nfnet", "STAGE_NAMES"]
+__all__ = [
+    "ACTIVATION_CHECKPOINT_MODES",
+    "NFBlock",
+    "NFStem",
+    "NFNetTrunk",
+    "NFNet",
+    "build_nfnet",
+    "STAGE_NAMES",
+]
 
 STAGE_NAMES = ("res2", "res3", "res4", "res5")
 STAGE_STRIDES = (1, 2, 2, 2)
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
+# "" off; "stage": keep only the input of the stem and of each stage; "block": of every block.
+ACTIVATION_CHECKPOINT_MODES = ("", "stage", "block")
 
 # FX graphs call these functions instead of tracing into their shape and device logic.
 torch.fx.wrap("spatial_mean")
@@ -214,6 +226,13 @@ class NFNetTrunk(nn.Module):
             (docs/benchmarks.md, "Backbone"), and the input's own layout elsewhere;
             "channels_last" or "contiguous" (NCHW) to force one. Outputs are the same values
             either way; on CPU the feature maps come back channels_last-strided.
+        activation_checkpoint (str): activation checkpointing in training: "" off, "stage"
+            (the stem and each stage is one segment) or "block" (the stem and each block).
+            A segment keeps only its input for the backward pass and runs its forward again
+            there (``torch.utils.checkpoint``, non-reentrant): less memory for more compute.
+            The recomputation restores the RNG state, so stochastic depth draws the same masks;
+            losses and gradients are those without it. Only in training mode with gradients
+            enabled and outside graph captures; the attribute may be changed at any time.
     """
 
     def __init__(
@@ -225,8 +244,15 @@ class NFNetTrunk(nn.Module):
         in_channels: int = 3,
         activation: str | None = None,
         memory_format: str = "auto",
+        activation_checkpoint: str = "",
     ):
         super().__init__()
+        if activation_checkpoint not in ACTIVATION_CHECKPOINT_MODES:
+            raise ValueError(
+                "activation_checkpoint must be one of '', 'stage', 'block', got "
+                f"{activation_checkpoint!r}"
+            )
+        self.activation_checkpoint = activation_checkpoint
         if memory_format not in MEMORY_FORMATS:
             raise ValueError(
                 f"memory_format must be one of {', '.join(MEMORY_FORMATS)}, got {memory_format!r}"
@@ -281,12 +307,29 @@ class NFNetTrunk(nn.Module):
             self.final_conv = None
             self.final_act = None
 
+    def _checkpointing(self, x: torch.Tensor) -> bool:
+        return (bool(self.activation_checkpoint) and self.training and torch.is_grad_enabled()
+                and not capturing_graph(x))
+
     def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Return the output of every built stage (pre-activation residual streams)."""
-        x = self.stem(to_memory_format(x, self.memory_format))
+        x = to_memory_format(x, self.memory_format)
+        if not self._checkpointing(x):
+            x = self.stem(x)
+            outs = []
+            for stage in self.stages:
+                x = stage(x)
+                outs.append(x)
+            return outs
+        # Each segment saves its input only and is recomputed in backward (RNG state restored).
+        x = checkpoint(self.stem, x, use_reentrant=False)
         outs = []
         for stage in self.stages:
-            x = stage(x)
+            if self.activation_checkpoint == "stage":
+                x = checkpoint(stage, x, use_reentrant=False)
+            else:
+                for block in stage:
+                    x = checkpoint(block, x, use_reentrant=False)
             outs.append(x)
         return outs
 
@@ -310,6 +353,10 @@ class NFNet(nn.Module):
         in_channels (int): image channels.
         activation (str | None): override the variant's nonlinearity.
         memory_format (str): the trunk's layout ("auto", "channels_last", "contiguous").
+        activation_checkpoint (str): the trunk's activation checkpointing ("", "stage",
+            "block"; see ``NFNetTrunk``).
+        head_init_std (float): the classifier weight starts N(0, head_init_std**2) (DeepMind's
+            default 0.01), or all zeros with 0; the bias starts at 0.
     """
 
     def __init__(
@@ -321,18 +368,33 @@ class NFNet(nn.Module):
         in_channels: int = 3,
         activation: str | None = None,
         memory_format: str = "auto",
+        activation_checkpoint: str = "",
+        head_init_std: float = 0.01,
     ):
         super().__init__()
         self.spec = spec
         self.num_classes = num_classes
         self.trunk = NFNetTrunk(
             spec, drop_path_rate=drop_path_rate, in_channels=in_channels, activation=activation,
-            memory_format=memory_format,
+            memory_format=memory_format, activation_checkpoint=activation_checkpoint,
         )
         self.head = nn.Module()
         self.head.drop = nn.Dropout(drop_rate)
         self.head.fc = nn.Linear(spec.num_features, num_classes)
-        nn.init.normal_(self.head.fc.weight, 0.0, 0.01)
+        self.reset_head(head_init_std)
+
+    def reset_head(self, std: float = 0.01) -> None:
+        """Initialise the classifier: weight N(0, std**2) (zeros when ``std`` is 0), bias 0.
+
+        Args:
+            std (float): the weight's standard deviation (DeepMind's default 0.01).
+        """
+        if std < 0:
+            raise ValueError(f"head_init_std must be >= 0, got {std}")
+        if std > 0:
+            nn.init.normal_(self.head.fc.weight, 0.0, std)
+        else:
+            nn.init.zeros_(self.head.fc.weight)
         nn.init.zeros_(self.head.fc.bias)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -353,7 +415,7 @@ def build_nfnet(variant: str, num_classes: int = 1000, **overrides) -> NFNet:
         variant (str): a key of ``NFNET_VARIANTS`` ("F0".."F7", "F0+".."F7+", "nano").
         num_classes (int): classifier outputs.
         **overrides: ``drop_rate``, ``drop_path_rate``, ``in_channels``, ``activation``,
-            ``memory_format``, or any
+            ``memory_format``, ``activation_checkpoint``, ``head_init_std``, or any
             ``NFNetSpec`` field (e.g. ``depths=(1, 1, 1, 1)``) to change the architecture.
 
     Raises:
@@ -363,7 +425,8 @@ def build_nfnet(variant: str, num_classes: int = 1000, **overrides) -> NFNet:
     spec_fields = set(NFNetSpec.__dataclass_fields__)
     spec_overrides = {k: v for k, v in overrides.items() if k in spec_fields}
     model_kwargs = {k: v for k, v in overrides.items() if k not in spec_fields}
-    allowed = {"drop_rate", "drop_path_rate", "in_channels", "activation", "memory_format"}
+    allowed = {"drop_rate", "drop_path_rate", "in_channels", "activation", "memory_format",
+               "activation_checkpoint", "head_init_std"}
     unknown = set(model_kwargs) - allowed
     if unknown:
         raise ValueError(
