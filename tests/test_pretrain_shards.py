@@ -248,7 +248,7 @@ def test_interrupted_and_resumed_on_shards_gives_the_same_losses(tmp_path, capsy
 
 @pytest.mark.slow
 def test_killed_anywhere_and_resumed_on_shards_gives_the_same_losses(tmp_path):
-    # ~45 s on 2 cores: the real command in subprocesses (test_reliability_resume's harness),
+    # ~45 s on 2 cores: the real command in subprocesses (tests/crash.py's harness),
     # SIGKILLed mid-pass at an arbitrary moment, resumed with a loader worker.
     write_flat_shapes(tmp_path / "shapes", {"train": 22}, size=32,
                       classes=FLAT_SHAPES[:3])  # 66 images: 4 steps of 16 a pass

@@ -190,13 +190,14 @@ class NFNetTrainer(DefaultTrainer):
                      None)
         if index is None:  # processes other than the main one save nothing
             index = next(i for i, h in enumerate(ret) if isinstance(h, hooks.LRScheduler)) + 1
-        ret.insert(index, AGCStatsHook())
+        statistics: list[HookBase] = [AGCStatsHook()]
         if self.cfg.SOLVER.STATS_PERIOD > 0:  # per-stage statistics (docs/small_batch.md)
-            ret.insert(index, TrainingStatsHook(self.cfg.SOLVER.STATS_PERIOD))
+            statistics.append(TrainingStatsHook(self.cfg.SOLVER.STATS_PERIOD))
         writers = getattr(self, "_writers", None)
         if writers and comm.is_main_process():
-            period = self.cfg.SOLVER.CHECKPOINT_PERIOD
-            ret.insert(index + 1, _WriteBeforeCheckpoint(writers, period))
+            # After every hook that puts statistics, before the checkpointer.
+            statistics.append(_WriteBeforeCheckpoint(writers, self.cfg.SOLVER.CHECKPOINT_PERIOD))
+        ret[index:index] = statistics
         return ret
 
     # ------------------------------------------------------------------------------ resuming
