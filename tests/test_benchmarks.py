@@ -30,14 +30,18 @@ def _run(tmp_path, *args: str, timeout: int = 600) -> tuple[str, dict]:
     return res.stdout, json.loads(out.read_text())
 
 
-def test_backbone_smoke(tmp_path):
+# The default set times the "default" configuration only; every configuration (channels_last and
+# torch.compile of three F0-sized models) runs in the slow set.
+@pytest.mark.parametrize("configs", [
+    ("default",), pytest.param(CONFIGS, marks=pytest.mark.slow)], ids=["default", "all"])
+def test_backbone_smoke(tmp_path, configs):
     pytest.importorskip("timm", reason="timm is the reference model (test extra)")
-    stdout, r = _run(tmp_path, "backbone")
+    stdout, r = _run(tmp_path, "backbone", "--configs", ",".join(configs))
     assert r["variant"] == "F0" and r["sizes"] == [64] and r["machine"]["device"] == "cpu"
     # nfdet and timm were checked to compute the same logits before timing.
     assert r["nfdet_vs_timm_max_rel_logit_diff"] < 1e-3
     cases = {(row["model"], row["config"], row["mode"]) for row in r["rows"]}
-    assert cases == {(m, c, mo) for m in MODELS for c in CONFIGS for mo in MODES}
+    assert cases == {(m, c, mo) for m in MODELS for c in configs for mo in MODES}
     for row in r["rows"]:
         assert row["median_s"] > 0 and row["images_per_s"] > 0
         assert row["peak_memory_mb"] > 0, row
