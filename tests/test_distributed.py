@@ -9,10 +9,10 @@ import signal
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO, write_flat_shapes
 
 from nfdet.distributed import (
     SLURM_DEFAULT_PORT_BASE,
@@ -22,8 +22,6 @@ from nfdet.distributed import (
     launcher_env,
     slurm_tasks_per_node,
 )
-
-REPO = Path(__file__).resolve().parents[1]
 
 SLURM = {
     "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8",
@@ -166,9 +164,9 @@ L.launch_from_args(L.pretrain_argument_parser().parse_args(sys.argv[1:]))
 
 @pytest.mark.slow
 def test_torchrun_pretraining_ranks_agree(tmp_path):
-    from test_pretrain_train import FULL_RECIPE, make_shapes
+    from test_pretrain_train import FULL_RECIPE
 
-    make_shapes(tmp_path / "shapes", n_train=8, n_val=0, size=32)
+    write_flat_shapes(tmp_path / "shapes", {"train": 8, "val": 0}, size=32)
     driver = tmp_path / "driver.py"
     driver.write_text(textwrap.dedent(PRETRAIN_DRIVER))
     out = tmp_path / "out"

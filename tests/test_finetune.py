@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO, write_flat_shapes
 
 from nfdet.checkpoint import save_checkpoint
 from nfdet.classification import launch_from_args, pretrain_argument_parser
@@ -16,16 +17,10 @@ from nfdet.classification.engine import PretrainTrainer
 from nfdet.classification.launch import setup
 from nfdet.modeling import build_nfnet
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory) -> Path:
-    from test_pretrain_train import make_shapes
-
-    root = tmp_path_factory.mktemp("shapes")
-    make_shapes(root, n_train=4, n_val=0, size=48)
-    return root
+    return write_flat_shapes(tmp_path_factory.mktemp("shapes"), {"train": 4, "val": 0}, size=48)
 
 
 @pytest.fixture(scope="module")
