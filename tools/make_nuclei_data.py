@@ -6,8 +6,8 @@ image and label mask the ``stardist`` wheel ships. nfdet downloads nothing; get 
 
 then either
 
-    python tools/make_nuclei_data.py /work/data/nuclei --wheel /tmp/stardist_wheel/stardist-*.whl
-    python tools/make_nuclei_data.py /work/data/nuclei --tiff img2d.tif mask2d.tif
+    python tools/make_nuclei_data.py data/nuclei --wheel /tmp/stardist_wheel/stardist-*.whl
+    python tools/make_nuclei_data.py data/nuclei --tiff img2d.tif mask2d.tif
 
 Writes OUT/train.json, OUT/train/, OUT/val.json, OUT/val/ (RLE masks: train with
 INPUT.MASK_FORMAT bitmask). See nfdet.detection.nuclei and docs/small_batch.md.

@@ -247,7 +247,6 @@ class _RunOutputs:
 
                 bar = tqdm(total=stop, initial=trainer.step, desc="pretrain", unit="step",
                            dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
-        trainer._data_time = 0.0
         return cls(writer, bar, _Window(trainer.device))
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
@@ -623,6 +622,7 @@ class PretrainTrainer:
         stop = min(self.max_iter, self.cfg.SOLVER.STOP_ITER or self.max_iter)
         self._log_start()
         self.ddp_model.train()
+        self._data_time = 0.0  # loader waits since the last log line
         run = _RunOutputs.open(self, stop)
         results: dict[str, float] = {}
         try:
