@@ -45,7 +45,7 @@ from ..modeling import build_nfnet, canonical_name
 from ..seed import seed_all
 from ..solver import build_optimizer, get_agc_stats
 from ..solver.clipping import resolve_agc_clipping
-from ..solver.sam import SAMPerturbation, ascent_size, perturb_, restore_
+from ..solver.sam import SAMPerturbation, ascent_size, sam_perturb_, sam_restore_
 from ..solver.stats import TrainingStats
 from .checkpoint import (
     find_last_checkpoint,
@@ -540,7 +540,7 @@ class PretrainTrainer:
             raise ValueError(f"run_step needs SOLVER.ACCUM_STEPS ({k}) micro-batches")
         if perturbation is not None:
             # SAM: the optimizer steps from w with the gradient taken at w + e.
-            restore_(perturbation)
+            sam_restore_(perturbation)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)  # unscales first: AGC sees true gradients
             self.scaler.update()
@@ -585,7 +585,7 @@ class PretrainTrainer:
         perturbs its own weights, as in the paper); then ``w <- w + rho g / ||g||``.
 
         Returns:
-            (SAMPerturbation, Tensor): the perturbation (for ``restore_``) and the mean ascent
+            (SAMPerturbation, Tensor): the perturbation (for ``sam_restore_``) and the mean ascent
             loss. The gradients are cleared for the descent pass.
         """
         sizes = [ascent_size(int(batch.labels.shape[0]), self.sam_fraction)
@@ -601,12 +601,12 @@ class PretrainTrainer:
                 loss = losses.sum() / total
                 self._backward(loss)
                 loss_sum += loss.detach()
-        # float16 AMP: the gradients carry the GradScaler's scale; perturb_ divides it out (and
+        # float16 AMP: the gradients carry the GradScaler's scale; sam_perturb_ divides it out (and
         # an overflow gives e = 0: the descent pass then runs at w, the scaler judges its step).
         scale = None
         if self.scaler is not None:
             scale = self.scaler.scale(torch.ones((), device=self.device))
-        perturbation = perturb_(self.model.parameters(), self.sam_rho, scale,
+        perturbation = sam_perturb_(self.model.parameters(), self.sam_rho, scale,
                                 zero_if_nonfinite=self.scaler is not None)
         self.optimizer.zero_grad(set_to_none=True)
         return perturbation, loss_sum

@@ -5,9 +5,9 @@ One SAM step (docs/sam.md):
 1. the *ascent* gradient ``g`` of the training loss, on a fraction of the step's own batch
    (``ascent_size``), computed by each process on its own examples;
 2. the weights move to ``w + e`` with ``e = rho * g / (||g|| + tiny)``, ``||g||`` the L2 norm over
-   every perturbed tensor jointly (Foret et al., Algorithm 1) (``perturb_``);
+   every perturbed tensor jointly (Foret et al., Algorithm 1) (``sam_perturb_``);
 3. the *descent* gradient on the whole batch at ``w + e``;
-4. the weights go back to ``w`` exactly (``restore_``), and the optimizer steps from ``w`` with
+4. the weights go back to ``w`` exactly (``sam_restore_``), and the optimizer steps from ``w`` with
    the descent gradient (AGC, weight decay and momentum as in a plain step).
 
 This module holds the arithmetic of steps 2 and 4; the trainer runs the passes.
@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["SAMPerturbation", "ascent_size", "perturb_", "restore_"]
+__all__ = ["SAMPerturbation", "ascent_size", "sam_perturb_", "sam_restore_"]
 
 # Added to ||g|| in the denominator: a zero gradient gives e = 0 instead of 0 / 0.
 _NORM_TINY = 1e-12
@@ -31,7 +31,7 @@ _ROUND_DECIMALS = 9
 
 
 class SAMPerturbation(NamedTuple):
-    """What ``perturb_`` did, for ``restore_`` and for logging.
+    """What ``sam_perturb_`` did, for ``sam_restore_`` and for logging.
 
     Attributes:
         params (list[Tensor]): the perturbed parameters, in order.
@@ -57,7 +57,7 @@ def ascent_size(n: int, fraction: float) -> int:
 
 
 @torch.no_grad()
-def perturb_(params: Sequence[torch.Tensor], rho: float, grad_scale: torch.Tensor | None = None,
+def sam_perturb_(params: Sequence[torch.Tensor], rho: float, grad_scale: torch.Tensor | None = None,
              zero_if_nonfinite: bool = False) -> SAMPerturbation:
     """Move every parameter that has a gradient to ``p + e``, ``e = rho * g / (||g|| + tiny)``.
 
@@ -102,7 +102,7 @@ def perturb_(params: Sequence[torch.Tensor], rho: float, grad_scale: torch.Tenso
 
 
 @torch.no_grad()
-def restore_(perturbation: SAMPerturbation) -> None:
-    """Put the perturbed parameters back to their values before ``perturb_`` (bit-exact)."""
+def sam_restore_(perturbation: SAMPerturbation) -> None:
+    """Put the perturbed parameters back to their values before ``sam_perturb_`` (bit-exact)."""
     for p, original in zip(perturbation.params, perturbation.originals):
         p.detach().copy_(original)
