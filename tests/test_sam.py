@@ -2,9 +2,10 @@
 
 The reference steps here are written from the definition (Foret et al. 2021, Algorithm 1, with
 the NFNet paper's ascent on a share of the same batch, per process): the ascent gradient of the
-mean loss on the first ceil(fraction x n) examples, e = rho g / ||g|| over all parameters, the
-descent gradient at w + e on all examples (averaged over the processes), then AGC per unit,
-weight decay and Nesterov SGD from w, and the weight EMA. Nothing of nfdet computes them.
+mean loss on the examples the test names (ceil(fraction x n) of them, spread evenly), e = rho g /
+||g|| over all parameters, the descent gradient at w + e on all examples (averaged over the
+processes), then AGC per unit, weight decay and Nesterov SGD from w, and the weight EMA. Nothing
+of nfdet computes them.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from helpers import quick_pretrain_cfg, write_image_folder
 from nfdet.classification import MixedBatch, PretrainTrainer
 from nfdet.classification.config import load_pretrain_cfg
 from nfdet.config import ConfigError
-from nfdet.solver import ascent_size, get_agc_stats, sam_perturb_, sam_restore_
+from nfdet.solver import ascent_indices, ascent_size, get_agc_stats, sam_perturb_, sam_restore_
 
 NUM_CLASSES = 3
 SMOOTHING = 0.1
@@ -66,8 +67,8 @@ def _split(batch: MixedBatch, parts: int) -> list[MixedBatch]:
     return [MixedBatch(*(t.chunk(parts)[i] for t in batch)) for i in range(parts)]
 
 
-def _head(batch: MixedBatch, m: int) -> MixedBatch:
-    return MixedBatch(*(t[:m] for t in batch))
+def _take(batch: MixedBatch, positions: list[int]) -> MixedBatch:
+    return MixedBatch(*(t[positions] for t in batch))
 
 
 def _cat(batches: list[MixedBatch]) -> MixedBatch:
@@ -122,7 +123,7 @@ def _lr(step: int) -> float:
 
 def reference_steps(model: torch.nn.Module, ema: dict[str, torch.Tensor],
                     steps: list[list[list[MixedBatch]]], rho: float,
-                    ascent_counts: list[int]) -> tuple[dict, list[list[float]]]:
+                    ascent_positions: list[int]) -> tuple[dict, list[list[float]]]:
     """Run SAM steps on ``model`` (in place) by the definition.
 
     Args:
@@ -130,7 +131,7 @@ def reference_steps(model: torch.nn.Module, ema: dict[str, torch.Tensor],
         ema: the EMA state at the start (updated in place).
         steps: per step, per process, its micro-batches.
         rho: SAM's radius (0: the plain step).
-        ascent_counts: ascent examples of each micro-batch, as the rule should give them.
+        ascent_positions: the ascent examples' positions in every micro-batch.
 
     Returns:
         (ema, per step the ||g|| of every process)
@@ -144,7 +145,7 @@ def reference_steps(model: torch.nn.Module, ema: dict[str, torch.Tensor],
         descents, step_norms = [], []
         for micro_batches in processes:
             if rho > 0:
-                ascent = _cat([_head(b, m) for b, m in zip(micro_batches, ascent_counts)])
+                ascent = _cat([_take(b, ascent_positions) for b in micro_batches])
                 g = torch.autograd.grad(_loss(model, ascent), params)
                 norm = torch.sqrt(sum(gi.pow(2).sum() for gi in g))
                 step_norms.append(float(norm))
@@ -192,6 +193,15 @@ def test_ascent_size_rounds_up_and_keeps_at_least_one():
     assert ascent_size(8, 1.0) == 8 and ascent_size(8, 0.01) == 1
 
 
+def test_ascent_examples_are_spread_over_the_batch():
+    # A mixed batch holds MixUp examples first, CutMix second: both halves are sampled.
+    assert ascent_indices(10, 0.2).tolist() == [0, 5]
+    assert ascent_indices(8, 0.25).tolist() == [0, 4]
+    assert ascent_indices(10, 0.3).tolist() == [0, 3, 6]
+    assert ascent_indices(5, 0.2).tolist() == [0]
+    assert ascent_indices(4, 1.0).tolist() == [0, 1, 2, 3]
+
+
 def test_perturbation_divides_out_the_gradient_scale_and_restores_exactly():
     gen = torch.Generator().manual_seed(0)
     params = [torch.randn(4, 3, generator=gen, requires_grad=True),
@@ -225,7 +235,7 @@ def test_overflowing_ascent_gradient_leaves_the_weights_finite():
 
 
 def test_sam_step_equals_the_definition(tmp_path):
-    """Two SAM steps through the trainer (one process, ascent on 2 of 8 examples) equal the
+    """Two SAM steps through the trainer (one process, ascent on examples 0 and 4 of 8) equal the
     steps written out by hand, and differ clearly from plain steps."""
     data = _folder(tmp_path / "data")
     trainer = _trainer(_cfg(data, tmp_path / "sam", "SOLVER.SAM.RHO", str(RHO),
@@ -239,13 +249,13 @@ def test_sam_step_equals_the_definition(tmp_path):
         results.append(trainer.run_step([batch]))
         assert 0 < get_agc_stats(trainer.optimizer)["agc_clipped_fraction"] < 1
     plain_model = copy.deepcopy(model)
-    ema, norms = reference_steps(model, ema, [[[b]] for b in batches], RHO, [2])
+    ema, norms = reference_steps(model, ema, [[[b]] for b in batches], RHO, [0, 4])
     _assert_state(trainer.model.state_dict(), trainer.ema.module.state_dict(), model, ema)
     for result, (norm,) in zip(results, norms):
         assert float(result.ascent_grad_norm) == pytest.approx(norm, rel=1e-4)
     # The same steps without the perturbation land far from these weights.
     reference_steps(plain_model, {k: v.clone() for k, v in ema.items()},
-                    [[[b]] for b in batches], 0.0, [2])
+                    [[[b]] for b in batches], 0.0, [])
     assert _max_difference(plain_model.state_dict(), model.state_dict()) > 100 * 1e-4
 
 
@@ -268,20 +278,21 @@ def test_rho_zero_is_the_plain_step_and_the_default(tmp_path):
     _assert_state(trainer.model.state_dict(), trainer.ema.module.state_dict(), model, ema)
 
 
-def test_accumulated_sam_equals_the_big_batch_of_the_same_examples(tmp_path):
-    """With SOLVER.ACCUM_STEPS k the ascent uses the first ceil(f n) examples of every micro-batch
-    of n: one SAM step of k micro-batches equals one SAM step of the k-times larger batch whose
-    first ceil(f k n) examples are those (when f n is a whole number)."""
+def test_accumulated_sam_equals_the_big_batch(tmp_path):
+    """With SOLVER.ACCUM_STEPS k the ascent uses ceil(f n) examples spread over every micro-batch
+    of n; when f n is a whole number these are the examples a k-times larger batch spreads its
+    ascent over, so one SAM step of k micro-batches equals one SAM step of the big batch."""
     data = _folder(tmp_path / "data")
     sam = ("SOLVER.SAM.RHO", str(RHO), "SOLVER.SAM.ASCENT_FRACTION", "0.5")
     big = _trainer(_cfg(data, tmp_path / "big", *sam))
     accum = _trainer(_cfg(data, tmp_path / "accum", "SOLVER.ACCUM_STEPS", "4", *sam))
+    # Control: the same examples, each micro-batch's two swapped (another ascent set).
+    swapped = _trainer(_cfg(data, tmp_path / "swapped", *sam))
+    swap = torch.tensor([1, 0, 3, 2, 5, 4, 7, 6])
     for step, batch in enumerate(_batches(3)):
-        micro = _split(batch, 4)  # 2 examples each, the first one in the ascent
-        order = torch.tensor([0, 2, 4, 6, 1, 3, 5, 7])
-        same_examples = MixedBatch(*(t[order] for t in batch))
         results, fractions = [], []
-        for trainer, batches in ((big, [same_examples]), (accum, micro)):
+        for trainer, batches in ((big, [batch]), (accum, _split(batch, 4)),
+                                 (swapped, [MixedBatch(*(t[swap] for t in batch))])):
             trainer._set_lr(step)
             results.append(trainer.run_step(batches))
             fractions.append(get_agc_stats(trainer.optimizer)["agc_clipped_fraction"])
@@ -291,12 +302,7 @@ def test_accumulated_sam_equals_the_big_batch_of_the_same_examples(tmp_path):
                                        getattr(results[0], field).double(), rtol=1e-5, atol=1e-6)
     _assert_state(accum.model.state_dict(), accum.ema.module.state_dict(), big.model,
                   big.ema.module.state_dict())
-    # The micro-batches' first halves, not the first half of the batch: another ascent set.
-    other = _trainer(_cfg(data, tmp_path / "other", *sam))
-    for step, batch in enumerate(_batches(3)):
-        other._set_lr(step)
-        other.run_step([batch])
-    assert _max_difference(other.model.state_dict(), big.model.state_dict()) > 100 * 1e-4
+    assert _max_difference(swapped.model.state_dict(), big.model.state_dict()) > 100 * 1e-4
 
 
 def test_float16_grad_scaler_does_not_reach_the_perturbation(tmp_path):
@@ -437,10 +443,10 @@ def test_two_process_gloo_sam_perturbs_locally_and_stays_in_sync(tmp_path):
         steps.append([[pieces[0], pieces[2]], [pieces[1], pieces[3]]])
     # Each process's first ascent gradient is its own examples' (the first of each micro-batch).
     for rank, micro in enumerate(steps[0]):
-        local = torch.autograd.grad(_loss(model, _cat([_head(b, 1) for b in micro])), params)
+        local = torch.autograd.grad(_loss(model, _cat([_take(b, [0]) for b in micro])), params)
         for got, want in zip(ranks[rank]["first_ascent_grad"], local):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
-    ema, norms = reference_steps(model, dict(ranks[0]["initial"]["ema"]), steps, RHO, [1, 1])
+    ema, norms = reference_steps(model, dict(ranks[0]["initial"]["ema"]), steps, RHO, [0])
     _assert_state(ranks[0]["model"], ranks[0]["ema"], model, ema)
     for rank in range(2):
         assert ranks[rank]["norms"] == pytest.approx([n[rank] for n in norms], rel=1e-4)

@@ -190,9 +190,10 @@ def add_pretrain_config(cfg: CN) -> None:
     # value (docs/reference.md, "SAM").
     _C.SOLVER.SAM = CN()
     _C.SOLVER.SAM.RHO = 0.0
-    # Share of the step's own batch the ascent gradient uses (the paper: 20%): the first
-    # ceil(ASCENT_FRACTION x n) examples of each process's micro-batch of n, in (0, 1]. Each
-    # process perturbs its own weights (no all-reduce of the ascent gradient).
+    # Share of the step's own batch the ascent gradient uses (the paper: 20%), in (0, 1]:
+    # ceil(ASCENT_FRACTION x n) examples spread evenly over each process's micro-batch of n
+    # (MixUp and CutMix examples alike). Each process perturbs its own weights (no all-reduce of
+    # the ascent gradient).
     _C.SOLVER.SAM.ASCENT_FRACTION = 0.2
 
     _C.TEST = CN()

@@ -12,8 +12,8 @@ schedule, EMA, logging and checkpoints count optimizer steps; a checkpoint alway
 optimizer steps, and ``--resume`` continues with the next step's micro-batches.
 
 SAM (``SOLVER.SAM.RHO > 0``, docs/sam.md): each optimizer step first computes, on every process
-and without any all-reduce, the ascent gradient on the first ``ceil(ASCENT_FRACTION x n)``
-examples of each of its micro-batches of ``n``; moves the weights to ``w + e`` with ``e = rho g /
+and without any all-reduce, the ascent gradient on ``ceil(ASCENT_FRACTION x n)`` examples spread
+evenly over each of its micro-batches of ``n``; moves the weights to ``w + e`` with ``e = rho g /
 ||g||``; runs the usual forward/backward passes of all micro-batches there (all-reduced as
 above); restores ``w``; then AGC, weight decay, the optimizer and EMA act as in a plain step.
 
@@ -45,7 +45,7 @@ from ..modeling import build_nfnet, canonical_name
 from ..seed import seed_all
 from ..solver import build_optimizer, get_agc_stats
 from ..solver.clipping import resolve_agc_clipping
-from ..solver.sam import SAMPerturbation, ascent_size, sam_perturb_, sam_restore_
+from ..solver.sam import SAMPerturbation, ascent_indices, sam_perturb_, sam_restore_
 from ..solver.stats import TrainingStats
 from .checkpoint import (
     find_last_checkpoint,
@@ -580,22 +580,23 @@ class PretrainTrainer:
 
     def _sam_ascent(self, micro_batches: list[MixedBatch]) -> tuple[SAMPerturbation,
                                                                     torch.Tensor]:
-        """SAM's ascent pass: the gradient ``g`` of the mean loss over the first ``ceil(fraction
-        x n)`` examples of every micro-batch of this process, never all-reduced (each process
-        perturbs its own weights, as in the paper); then ``w <- w + rho g / ||g||``.
+        """SAM's ascent pass: the gradient ``g`` of the mean loss over ``ceil(fraction x n)``
+        examples spread evenly over every micro-batch of ``n`` of this process (``ascent_indices``),
+        never all-reduced (each process perturbs its own weights, as in the paper); then ``w <- w
+        + rho g / ||g||``.
 
         Returns:
             (SAMPerturbation, Tensor): the perturbation (for ``sam_restore_``) and the mean ascent
             loss. The gradients are cleared for the descent pass.
         """
-        sizes = [ascent_size(int(batch.labels.shape[0]), self.sam_fraction)
-                 for batch in micro_batches]
-        total = sum(sizes)
+        subsets = [ascent_indices(int(batch.labels.shape[0]), self.sam_fraction)
+                   for batch in micro_batches]
+        total = sum(len(idx) for idx in subsets)
         loss_sum = torch.zeros((), device=self.device)
         # DDP: no_sync on every ascent backward, so nothing is all-reduced.
         with self.ddp_model.no_sync() if self.world_size > 1 else nullcontext():
-            for batch, m in zip(micro_batches, sizes):
-                x, _, targets = self._inputs(MixedBatch(*(t[:m] for t in batch)))
+            for batch, idx in zip(micro_batches, subsets):
+                x, _, targets = self._inputs(MixedBatch(*(t[idx] for t in batch)))
                 _, losses = self._forward(x, targets)
                 # Summed over the micro-batches: the mean over all ascent examples.
                 loss = losses.sum() / total
@@ -742,7 +743,7 @@ class PretrainTrainer:
                     self.variant, self.max_iter, self.steps_per_epoch,
                     self.cfg.SOLVER.IMS_PER_BATCH, self.accum_steps, scaled_lr(self.cfg),
                     f"{self.agc_clipping:.4g}" if self.cfg.SOLVER.AGC.ENABLED else "off",
-                    (f"rho {self.sam_rho:g}, ascent on {self.sam_fraction:g} of each "
+                    (f"rho {self.sam_rho:g}, ascent on {self.sam_fraction:g} of every "
                      "micro-batch") if self.sam_rho > 0 else "off",
                     self.world_size, self.device, self.amp_dtype or torch.float32, self.seed)
 

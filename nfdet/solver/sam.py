@@ -3,7 +3,8 @@
 One SAM step (docs/sam.md):
 
 1. the *ascent* gradient ``g`` of the training loss, on a fraction of the step's own batch
-   (``ascent_size``), computed by each process on its own examples;
+   (``ascent_indices``: spread evenly over the batch), computed by each process on its own
+   examples;
 2. the weights move to ``w + e`` with ``e = rho * g / (||g|| + tiny)``, ``||g||`` the L2 norm over
    every perturbed tensor jointly (Foret et al., Algorithm 1) (``sam_perturb_``);
 3. the *descent* gradient on the whole batch at ``w + e``;
@@ -21,7 +22,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["SAMPerturbation", "ascent_size", "sam_perturb_", "sam_restore_"]
+__all__ = ["SAMPerturbation", "ascent_size", "ascent_indices", "sam_perturb_", "sam_restore_"]
 
 # Added to ||g|| in the denominator: a zero gradient gives e = 0 instead of 0 / 0.
 _NORM_TINY = 1e-12
@@ -46,14 +47,34 @@ class SAMPerturbation(NamedTuple):
 
 
 def ascent_size(n: int, fraction: float) -> int:
-    """Examples of a batch of ``n`` that the ascent gradient uses: the first ``ceil(fraction *
-    n)`` (the product rounded to 9 decimals first), at least 1 and at most ``n``.
+    """How many examples of a batch of ``n`` the ascent gradient uses: ``ceil(fraction * n)``
+    (the product rounded to 9 decimals first), at least 1 and at most ``n``.
 
     Args:
         n (int): examples in the (micro-)batch, >= 1.
         fraction (float): the share of the batch, in (0, 1].
     """
     return min(n, max(1, math.ceil(round(fraction * n, _ROUND_DECIMALS))))
+
+
+def ascent_indices(n: int, fraction: float) -> torch.Tensor:
+    """Positions in a batch of ``n`` of the examples the ascent gradient uses: ``m =
+    ascent_size(n, fraction)`` positions spread evenly, ``floor(j * n / m)`` for ``j < m``.
+
+    Spread, not the first ``m``: a mixed batch holds its MixUp examples first and its CutMix
+    examples second, and the ascent should see both. When ``fraction * n`` is a whole number,
+    the positions in a batch of ``k n`` are those of ``k`` consecutive batches of ``n``, so
+    gradient accumulation picks the same examples as one big batch.
+
+    Args:
+        n (int): examples in the (micro-)batch, >= 1.
+        fraction (float): the share of the batch, in (0, 1].
+
+    Returns:
+        Tensor: (m,) int64 positions, increasing, the first 0.
+    """
+    m = ascent_size(n, fraction)
+    return torch.div(torch.arange(m) * n, m, rounding_mode="floor")
 
 
 @torch.no_grad()
