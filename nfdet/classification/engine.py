@@ -608,7 +608,7 @@ class PretrainTrainer:
         if self.scaler is not None:
             scale = self.scaler.scale(torch.ones((), device=self.device))
         perturbation = sam_perturb_(self.model.parameters(), self.sam_rho, scale,
-                                zero_if_nonfinite=self.scaler is not None)
+                                    zero_if_nonfinite=self.scaler is not None)
         self.optimizer.zero_grad(set_to_none=True)
         return perturbation, loss_sum
 

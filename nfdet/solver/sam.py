@@ -78,12 +78,15 @@ def ascent_indices(n: int, fraction: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sam_perturb_(params: Sequence[torch.Tensor], rho: float, grad_scale: torch.Tensor | None = None,
-             zero_if_nonfinite: bool = False) -> SAMPerturbation:
+def sam_perturb_(params: Sequence[torch.Tensor], rho: float,
+                 grad_scale: torch.Tensor | None = None,
+                 zero_if_nonfinite: bool = False) -> SAMPerturbation:
     """Move every parameter that has a gradient to ``p + e``, ``e = rho * g / (||g|| + tiny)``.
 
     ``g`` is ``p.grad / grad_scale``: a GradScaler's scale (float16 AMP) is divided out before the
     norm, so it never reaches ``e``. The norm is computed in float32 over all tensors jointly.
+    The gradients are overwritten (each ``p.grad`` holds ``e`` afterwards): zero them before the
+    descent pass.
 
     Args:
         params (sequence[Tensor]): candidate parameters; those without ``.grad`` are left alone.
@@ -92,9 +95,6 @@ def sam_perturb_(params: Sequence[torch.Tensor], rho: float, grad_scale: torch.T
         zero_if_nonfinite (bool): if ``||g||`` is not finite (an overflowing float16 backward),
             use ``e = 0`` instead of letting NaN reach the weights; decided on the device, without
             a sync.
-
-    The gradients are overwritten (each ``p.grad`` holds ``e`` afterwards): zero them before the
-    descent pass.
 
     Returns:
         SAMPerturbation: the parameters, their original values and ``||g||``.
