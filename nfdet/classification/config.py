@@ -10,6 +10,7 @@ trainers.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from fvcore.common.config import CfgNode as CN
@@ -183,6 +184,17 @@ def add_pretrain_config(cfg: CN) -> None:
     _C.SOLVER.EMA.ENABLED = True
     # Effective decay at step t: min(DECAY, (1 + t) / (10 + t)) (DeepMind's warmup).
     _C.SOLVER.EMA.DECAY = 0.99999
+    # Sharpness-Aware Minimization (docs/sam.md). RHO: radius of the weight perturbation
+    # e = RHO * g / ||g|| (||g||: L2 norm of the ascent gradient over every trainable parameter
+    # jointly); 0 turns SAM off. The paper fine-tunes with 0.05 and does not give its ImageNet
+    # value (docs/reference.md, "SAM").
+    _C.SOLVER.SAM = CN()
+    _C.SOLVER.SAM.RHO = 0.0
+    # Share of the step's own batch the ascent gradient uses (the paper: 20%), in (0, 1]:
+    # ceil(ASCENT_FRACTION x n) examples spread evenly over each process's micro-batch of n
+    # (MixUp and CutMix examples alike). Each process perturbs its own weights (no all-reduce of
+    # the ascent gradient).
+    _C.SOLVER.SAM.ASCENT_FRACTION = 0.2
 
     _C.TEST = CN()
     # Evaluate (raw and EMA weights) every EVAL_PERIOD steps (0: only at the end).
@@ -228,6 +240,10 @@ def load_pretrain_cfg(config_file: str | None = None, opts: Sequence[str] | None
     merge_config(cfg, resolve_config_file(config_file) if config_file else None, opts)
     check_pretrain_config(cfg)
     return cfg
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _pair(value) -> tuple | None:
@@ -291,6 +307,11 @@ def check_pretrain_config(cfg: CN) -> None:
         fail("INPUT.RANDOM_RESIZED_CROP.RATIO", crop.RATIO, "(min, max) with 0 < min <= max")
     if not 0 <= crop.MIN_OBJECT_COVERED <= 1:
         fail("INPUT.RANDOM_RESIZED_CROP.MIN_OBJECT_COVERED", crop.MIN_OBJECT_COVERED, "in [0, 1]")
+    sam = cfg.SOLVER.SAM
+    if not _is_number(sam.RHO) or not 0 <= sam.RHO < math.inf:
+        fail("SOLVER.SAM.RHO", sam.RHO, "a finite number >= 0 (0 turns SAM off)")
+    if not _is_number(sam.ASCENT_FRACTION) or not 0 < sam.ASCENT_FRACTION <= 1:
+        fail("SOLVER.SAM.ASCENT_FRACTION", sam.ASCENT_FRACTION, "a number in (0, 1]")
     if cfg.SOLVER.IMS_PER_BATCH % cfg.SOLVER.ACCUM_STEPS:
         fail("SOLVER.ACCUM_STEPS", cfg.SOLVER.ACCUM_STEPS,
              f"a divisor of SOLVER.IMS_PER_BATCH ({cfg.SOLVER.IMS_PER_BATCH})")

@@ -11,6 +11,12 @@ all-reduce (``no_sync``) on all but the last micro-batch. AGC, weight decay, the
 schedule, EMA, logging and checkpoints count optimizer steps; a checkpoint always falls between two
 optimizer steps, and ``--resume`` continues with the next step's micro-batches.
 
+SAM (``SOLVER.SAM.RHO > 0``, docs/sam.md): each optimizer step first computes, on every process
+and without any all-reduce, the ascent gradient on ``ceil(ASCENT_FRACTION x n)`` examples spread
+evenly over each of its micro-batches of ``n``; moves the weights to ``w + e`` with ``e = rho g /
+||g||``; runs the usual forward/backward passes of all micro-batches there (all-reduced as
+above); restores ``w``; then AGC, weight decay, the optimizer and EMA act as in a plain step.
+
 Steps and epochs: an epoch is ``len(train set) / IMS_PER_BATCH`` optimizer steps (DeepMind's
 definition; ``SOLVER.EPOCHS`` and ``WARMUP_EPOCHS`` count these). With MixUp/CutMix a step reads
 twice as many source images as it trains on, so one pass over the data (the sampler's epoch)
@@ -27,7 +33,7 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -39,6 +45,7 @@ from ..modeling import build_nfnet, canonical_name
 from ..seed import seed_all
 from ..solver import build_optimizer, get_agc_stats
 from ..solver.clipping import resolve_agc_clipping
+from ..solver.sam import SAMPerturbation, ascent_indices, sam_perturb_, sam_restore_
 from ..solver.stats import TrainingStats
 from .checkpoint import (
     find_last_checkpoint,
@@ -57,6 +64,7 @@ from .transforms import build_test_transform, build_train_transform, normalize_b
 
 __all__ = [
     "PretrainTrainer",
+    "StepResult",
     "build_pretrain_model",
     "lr_factor",
     "evaluate",
@@ -124,6 +132,26 @@ def _autocast_dtype(cfg, device: torch.device) -> torch.dtype | None:
             f"SOLVER.AMP.DTYPE must be 'bfloat16' or 'float16', got {cfg.SOLVER.AMP.DTYPE!r}"
         )
     return dtypes[cfg.SOLVER.AMP.DTYPE]
+
+
+class StepResult(NamedTuple):
+    """What ``PretrainTrainer.run_step`` returns: device tensors, read only when logging.
+
+    Attributes:
+        loss (Tensor): mean training loss over this process's examples of the step (with SAM:
+            at the perturbed weights, the loss whose gradient the step descends).
+        correct (Tensor): correct top-1 predictions among them (int64).
+        examples (int): this process's examples of the step.
+        ascent_grad_norm (Tensor | None): SAM only: ``||g||`` of this process's ascent gradient.
+        ascent_loss (Tensor | None): SAM only: mean loss over this process's ascent examples at
+            the unperturbed weights.
+    """
+
+    loss: torch.Tensor
+    correct: torch.Tensor
+    examples: int
+    ascent_grad_norm: torch.Tensor | None = None
+    ascent_loss: torch.Tensor | None = None
 
 
 @torch.no_grad()
@@ -210,11 +238,11 @@ class _MetricsWriter:
 
 
 class _Window:
-    """Sums of (loss, correct, examples) over the steps since the last log line, on the device
-    (read only when logged: no sync per step)."""
+    """Sums over the steps since the last log line, on the device (read only when logged: no
+    sync per step): loss, correct, examples, and with SAM the ascent gradient norm and loss."""
 
     def __init__(self, device: torch.device):
-        self.totals = torch.zeros(3, dtype=torch.float64, device=device)
+        self.totals = torch.zeros(5, dtype=torch.float64, device=device)
         self.reset()
 
     def reset(self) -> None:
@@ -222,10 +250,14 @@ class _Window:
         self.steps = 0
         self.start = time.perf_counter()
 
-    def add(self, loss: torch.Tensor, correct: torch.Tensor, examples: int) -> None:
-        self.totals += torch.stack([loss.double(), correct.double(),
-                                    torch.tensor(examples, dtype=torch.float64,
-                                                 device=self.totals.device)])
+    def add(self, result: StepResult) -> None:
+        zero = self.totals.new_zeros(())
+        self.totals += torch.stack([
+            result.loss.double(), result.correct.double(),
+            torch.tensor(result.examples, dtype=torch.float64, device=self.totals.device),
+            zero if result.ascent_grad_norm is None else result.ascent_grad_norm.double(),
+            zero if result.ascent_loss is None else result.ascent_loss.double(),
+        ])
         self.steps += 1
 
 
@@ -324,6 +356,9 @@ class PretrainTrainer:
             cfg, self.train_set, self.rank, self.world_size, self.seed
         )
         self.accum_steps = int(cfg.SOLVER.ACCUM_STEPS)
+        # SAM (docs/sam.md): rho 0 is off.
+        self.sam_rho = float(cfg.SOLVER.SAM.RHO)
+        self.sam_fraction = float(cfg.SOLVER.SAM.ASCENT_FRACTION)
         # Seconds spent waiting for the loader since the last log line.
         self._data_time = 0.0
         self.val_loader = None
@@ -458,51 +493,54 @@ class PretrainTrainer:
             group["lr"] = group["initial_lr"] * factor
         return self.optimizer.param_groups[0]["lr"]
 
-    def run_step(self, micro_batches: Iterable[MixedBatch]) -> tuple[torch.Tensor, ...]:
+    def run_step(self, micro_batches: Iterable[MixedBatch]) -> StepResult:
         """One optimizer step on the ``SOLVER.ACCUM_STEPS`` micro-batches of this process.
+
+        Without SAM the micro-batches are consumed one at a time (forward and backward as they
+        arrive). With SAM (``SOLVER.SAM.RHO > 0``) all of them are read first: the ascent pass
+        (``_sam_ascent``) perturbs the weights, the descent pass below runs at the perturbed
+        point, and the weights are restored before the optimizer steps.
 
         Args:
             micro_batches (iterable[MixedBatch]): uint8 images, both labels and the ratio of
-                each example (consumed one at a time: forward and backward as they arrive).
+                each example.
 
         Returns:
-            tuple: (loss, correct top-1 count) as device tensors (the loss is the mean over
-            this process's examples of the step), and the number of examples (int).
+            StepResult: the loss (mean over this process's examples of the step), the correct
+            top-1 count, the number of examples and, with SAM, the ascent statistics.
         """
-        cfg = self.cfg
         k = self.accum_steps
         self.optimizer.zero_grad(set_to_none=True)
+        perturbation: SAMPerturbation | None = None
+        ascent_loss = None
+        if self.sam_rho > 0:
+            micro_batches = list(micro_batches)
+            if len(micro_batches) != k:
+                raise ValueError(f"run_step needs SOLVER.ACCUM_STEPS ({k}) micro-batches, got "
+                                 f"{len(micro_batches)}")
+            perturbation, ascent_loss = self._sam_ascent(micro_batches)
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
         examples = 0
         for i, batch in enumerate(micro_batches):
             if i >= k:
                 raise ValueError(f"run_step got more than SOLVER.ACCUM_STEPS ({k}) micro-batches")
-            images = batch.images.to(self.device, non_blocking=True)
-            labels = batch.labels.to(self.device, non_blocking=True)
-            x = normalize_batch(images, self.mean, self.std, torch.float32)
-            targets = mixed_targets(labels, batch.mix_labels.to(self.device, non_blocking=True),
-                                    batch.ratio.to(self.device, non_blocking=True),
-                                    cfg.MODEL.NUM_CLASSES, cfg.INPUT.LABEL_SMOOTHING)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x, labels, targets = self._inputs(batch)
             # The all-reduce runs once per optimizer step, in the last micro-batch's backward.
             sync = self.world_size == 1 or i == k - 1
             with nullcontext() if sync else self.ddp_model.no_sync():
-                with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                                    enabled=self.amp_dtype is not None):
-                    logits = self.ddp_model(x)
+                logits, losses = self._forward(x, targets)
                 # Each micro-batch's mean loss / k: the gradients add up to the global mean's.
-                loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=1), dim=1).mean() / k
-                if self.scaler is not None:
-                    self.scaler.scale(loss).backward()
-                else:
-                    loss.backward()
+                loss = losses.mean() / k
+                self._backward(loss)
             loss_sum += loss.detach()
             correct += (logits.detach().argmax(dim=1) == labels).sum()
             examples += labels.shape[0]
         if examples == 0 or i != k - 1:
             raise ValueError(f"run_step needs SOLVER.ACCUM_STEPS ({k}) micro-batches")
+        if perturbation is not None:
+            # SAM: the optimizer steps from w with the gradient taken at w + e.
+            sam_restore_(perturbation)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)  # unscales first: AGC sees true gradients
             self.scaler.update()
@@ -510,7 +548,69 @@ class PretrainTrainer:
             self.optimizer.step()
         if self.ema is not None:
             self.ema.update(self.model)
-        return loss_sum, correct, examples
+        return StepResult(loss_sum, correct, examples,
+                          None if perturbation is None else perturbation.grad_norm, ascent_loss)
+
+    def _inputs(self, batch: MixedBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A micro-batch on the device: (normalized images, labels, soft targets)."""
+        cfg = self.cfg
+        images = batch.images.to(self.device, non_blocking=True)
+        labels = batch.labels.to(self.device, non_blocking=True)
+        x = normalize_batch(images, self.mean, self.std, torch.float32)
+        targets = mixed_targets(labels, batch.mix_labels.to(self.device, non_blocking=True),
+                                batch.ratio.to(self.device, non_blocking=True),
+                                cfg.MODEL.NUM_CLASSES, cfg.INPUT.LABEL_SMOOTHING)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, labels, targets
+
+    def _forward(self, x: torch.Tensor,
+                 targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, per-example cross-entropy with the soft targets, in float32)."""
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            logits = self.ddp_model(x)
+        return logits, torch.sum(-targets * F.log_softmax(logits.float(), dim=1), dim=1)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+
+    def _sam_ascent(self, micro_batches: list[MixedBatch]) -> tuple[SAMPerturbation,
+                                                                    torch.Tensor]:
+        """SAM's ascent pass: the gradient ``g`` of the mean loss over ``ceil(fraction x n)``
+        examples spread evenly over every micro-batch of ``n`` of this process (``ascent_indices``),
+        never all-reduced (each process perturbs its own weights, as in the paper); then ``w <- w
+        + rho g / ||g||``.
+
+        Returns:
+            (SAMPerturbation, Tensor): the perturbation (for ``sam_restore_``) and the mean ascent
+            loss. The gradients are cleared for the descent pass.
+        """
+        subsets = [ascent_indices(int(batch.labels.shape[0]), self.sam_fraction)
+                   for batch in micro_batches]
+        total = sum(len(idx) for idx in subsets)
+        loss_sum = torch.zeros((), device=self.device)
+        # DDP: no_sync on every ascent backward, so nothing is all-reduced.
+        with self.ddp_model.no_sync() if self.world_size > 1 else nullcontext():
+            for batch, idx in zip(micro_batches, subsets):
+                x, _, targets = self._inputs(MixedBatch(*(t[idx] for t in batch)))
+                _, losses = self._forward(x, targets)
+                # Summed over the micro-batches: the mean over all ascent examples.
+                loss = losses.sum() / total
+                self._backward(loss)
+                loss_sum += loss.detach()
+        # float16 AMP: the gradients carry the GradScaler's scale; sam_perturb_ divides it out (and
+        # an overflow gives e = 0: the descent pass then runs at w, the scaler judges its step).
+        scale = None
+        if self.scaler is not None:
+            scale = self.scaler.scale(torch.ones((), device=self.device))
+        perturbation = sam_perturb_(self.model.parameters(), self.sam_rho, scale,
+                                    zero_if_nonfinite=self.scaler is not None)
+        self.optimizer.zero_grad(set_to_none=True)
+        return perturbation, loss_sum
 
     def _timed_micro_batches(self, batches: Iterator[MixedBatch]) -> Iterator[MixedBatch]:
         """The next ``ACCUM_STEPS`` batches of the loader, adding the waits to the data time."""
@@ -638,11 +738,13 @@ class PretrainTrainer:
 
     def _log_start(self) -> None:
         logger.info("Training NFNet-%s: %d steps (%d per epoch), global batch %d (%d "
-                    "micro-batch(es) per step), lr %.4g, AGC clipping %s, %d process(es), "
-                    "device %s, precision %s, seed %d",
+                    "micro-batch(es) per step), lr %.4g, AGC clipping %s, SAM %s, %d "
+                    "process(es), device %s, precision %s, seed %d",
                     self.variant, self.max_iter, self.steps_per_epoch,
                     self.cfg.SOLVER.IMS_PER_BATCH, self.accum_steps, scaled_lr(self.cfg),
                     f"{self.agc_clipping:.4g}" if self.cfg.SOLVER.AGC.ENABLED else "off",
+                    (f"rho {self.sam_rho:g}, ascent on {self.sam_fraction:g} of every "
+                     "micro-batch") if self.sam_rho > 0 else "off",
                     self.world_size, self.device, self.amp_dtype or torch.float32, self.seed)
 
     def _train_pass(self, stop: int, run: _RunOutputs) -> dict[str, float]:
@@ -658,13 +760,13 @@ class PretrainTrainer:
             if self.stats is not None:
                 period = self.cfg.SOLVER.STATS_PERIOD
                 self.stats.before_step((self.step + 1) % period == 0 or self.step + 1 == stop)
-            loss, correct, examples = self.run_step(self._timed_micro_batches(batches))
+            result = self.run_step(self._timed_micro_batches(batches))
             self.step += 1
             self._first_nonfinite = torch.where(
-                ~torch.isfinite(loss) & (self._first_nonfinite < 0), self.step,
+                ~torch.isfinite(result.loss) & (self._first_nonfinite < 0), self.step,
                 self._first_nonfinite,
             )
-            run.window.add(loss, correct, examples)
+            run.window.add(result)
             if self.stats is not None:
                 run.write(self.step, self.stats.after_step())
             if run.bar is not None:
@@ -735,6 +837,10 @@ class PretrainTrainer:
             "images_per_s": totals[2].item() / elapsed,
             "data_time_fraction": min(data_time / elapsed, 1.0),
         }
+        if self.sam_rho > 0:
+            # Means over the window's steps and the processes (each process its own ascent).
+            metrics["sam/ascent_grad_norm"] = totals[3].item() / (steps * self.world_size)
+            metrics["sam/ascent_loss"] = totals[4].item() / (steps * self.world_size)
         metrics.update(get_agc_stats(self.optimizer))
         return metrics
 

@@ -1,7 +1,9 @@
-"""Optimization: Adaptive Gradient Clipping and the optimizer builder shared by every trainer."""
+"""Optimization: Adaptive Gradient Clipping, the optimizer builder shared by every trainer, and
+Sharpness-Aware Minimization's perturbation (used by the pretraining trainer)."""
 
 from .agc import AGCOptimizerMixin, clip_grad_agc_, get_agc_stats, with_agc
 from .build import NO_DECAY_PATTERNS, OPTIMIZERS, build_optimizer, build_param_groups
+from .sam import SAMPerturbation, ascent_indices, ascent_size, sam_perturb_, sam_restore_
 
 __all__ = [
     "AGCOptimizerMixin",
@@ -12,4 +14,9 @@ __all__ = [
     "OPTIMIZERS",
     "build_optimizer",
     "build_param_groups",
+    "SAMPerturbation",
+    "ascent_size",
+    "ascent_indices",
+    "sam_perturb_",
+    "sam_restore_",
 ]
