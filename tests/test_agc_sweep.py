@@ -196,3 +196,17 @@ def test_cli_runs_as_a_script(tmp_path):
     assert proc.stderr.splitlines()[-1] == (
         "agc_sweep.py: error: batch size 'abc' is not an integer >= 1")
     assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_cells_in_two_gloo_processes(shapes, tmp_path):
+    # --num-gpus 2 without a GPU: each cell is two CPU processes (gloo), started per cell.
+    out = tmp_path / "ddp"
+    records = _sweep(shapes, out, batches=[16], clippings=[0.05, None], num_gpus=2)
+    assert [r["clipping"] for r in records] == [0.05, None]
+    for record in records:
+        assert record["lr"] == pytest.approx(BASE_LR * 16 / REFERENCE)
+        assert record["steps"] == 64 // 16 and not record["diverged"]
+        assert record["top1"] is not None
+        assert (out / Path(record["output_dir"]).name / "log.txt.rank1").is_file()
+    assert len(_table(out)) == 2

@@ -63,10 +63,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="train every cell again (previous cell folders are moved aside)")
     p.add_argument("--num-gpus", type=int, default=1,
-                   help="processes per cell (GPUs; CPU processes without a GPU)")
-    p.add_argument("--num-machines", type=int, default=1)
-    p.add_argument("--machine-rank", type=int, default=0)
-    p.add_argument("--dist-url", default="auto")
+                   help="processes per cell on this machine (GPUs; CPU processes without a "
+                   "GPU), started for each cell; run the sweep itself as one process")
     p.add_argument("opts", nargs=argparse.REMAINDER, default=[],
                    help="config overrides of every cell, as KEY VALUE pairs")
     return p
@@ -86,13 +84,11 @@ def main(argv=None) -> int:
     handler.setFormatter(logging.Formatter("[%(asctime)s agc_sweep] %(message)s", "%H:%M:%S"))
     log.addHandler(handler)
     log.propagate = False
-    launch_args = {"num_gpus": args.num_gpus, "num_machines": args.num_machines,
-                   "machine_rank": args.machine_rank, "dist_url": args.dist_url}
     try:
         records = run_sweep(args.config_file, args.opts, batch_sizes, clippings, args.out,
                             base_lr=args.base_lr, reference_batch=args.reference_batch,
                             epochs=args.epochs, force=args.force, metric=args.metric,
-                            launch_args=launch_args)
+                            num_gpus=args.num_gpus)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         parser.error(one_line(e))
     except SweepError as e:

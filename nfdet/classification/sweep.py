@@ -14,13 +14,14 @@ One pretraining run per cell of a grid of batch sizes x clipping settings, each 
   paper: a larger batch takes proportionally fewer steps over the same data. ``SOLVER.MAX_ITER``
   and ``SOLVER.STOP_ITER`` must be 0 (a fixed step count would give the large batches more data).
 
-Each cell runs the pretraining trainer in this process (``PretrainTrainer``; or in ``--num-gpus``
-processes started per cell by ``launch``) with its own ``OUTPUT_DIR`` (``OUT/b<B>_clip<c>`` or
-``OUT/b<B>_noclip``), where it leaves what a ``tools/pretrain_net.py`` run leaves (``log.txt``,
-``config.yaml``, ``metrics.jsonl``, checkpoints, ``backbone_final.pth``) plus ``cell_result.json``:
-the final top-1 of the raw and the EMA weights, the learning rate and steps the trainer used, the
-time, and whether the run diverged. A run whose loss (or weights) became NaN or infinite (the
-trainer raises ``FloatingPointError``) is a result: recorded as diverged, and the sweep goes on.
+Each cell runs the pretraining trainer in this process (``PretrainTrainer``), or in ``--num-gpus``
+processes on this machine that ``launch`` starts for the cell, with its own ``OUTPUT_DIR``
+(``OUT/b<B>_clip<c>`` or ``OUT/b<B>_noclip``), where it leaves what a ``tools/pretrain_net.py`` run
+leaves (``log.txt``, ``config.yaml``, ``metrics.jsonl``, checkpoints, ``backbone_final.pth``) plus
+``cell_result.json``: the final top-1 of the raw and the EMA weights, the learning rate and steps
+the trainer used, the time, and whether the run diverged. A run whose loss (or weights) became NaN
+or infinite (the trainer raises ``FloatingPointError``) is a result: recorded as diverged, and the
+sweep goes on.
 Any other error stops the sweep with one line naming the cell.
 
 Re-running the same sweep reuses every cell whose ``cell_result.json`` exists (settings checked:
@@ -306,7 +307,7 @@ def _move_aside(path: Path) -> Path:
 def run_cell(cell: Cell, config_file: str, opts: Sequence[str], out_dir: str | os.PathLike,
              base_lr: float = PAPER_BASE_LR, reference_batch: int = PAPER_REFERENCE_BATCH,
              epochs: int | None = None, force: bool = False,
-             launch_args: dict | None = None) -> tuple[dict, bool]:
+             num_gpus: int = 1) -> tuple[dict, bool]:
     """Train one cell in ``out_dir/<cell.name>``, or reuse its finished result.
 
     Args:
@@ -318,8 +319,8 @@ def run_cell(cell: Cell, config_file: str, opts: Sequence[str], out_dir: str | o
         reference_batch (int): batch size of ``base_lr``.
         epochs (int | None): ``SOLVER.EPOCHS`` of every cell (None: the config's).
         force (bool): run again even if a result exists (the old folder is moved aside).
-        launch_args (dict | None): ``num_gpus``, ``num_machines``, ``machine_rank``,
-            ``dist_url`` of ``launch`` (None: one process, in this one).
+        num_gpus (int): processes of the run (one per GPU; CPU processes without a GPU),
+            started for the cell by ``launch``; 1: the run is this process.
 
     Returns:
         (dict, bool): the cell's record (see ``RESULT_FILE``), and whether it was reused.
@@ -353,10 +354,8 @@ def run_cell(cell: Cell, config_file: str, opts: Sequence[str], out_dir: str | o
     args = argparse.Namespace(
         config_file=config_file, resume=resume, eval_only=False,
         opts=[*opts, *cell_opts(cell, str(cell_dir), base_lr, reference_batch, epochs)],
-        num_gpus=1, num_machines=1, machine_rank=0, dist_url="auto",
+        num_gpus=num_gpus, num_machines=1, machine_rank=0, dist_url="auto",
     )
-    for key, value in (launch_args or {}).items():
-        setattr(args, key, value)
     record = {"batch": cell.batch, "clipping": cell.clipping, "output_dir": str(cell_dir),
               "settings": settings}
     logger.info("cell %s: training (lr %.4g, %s)%s", cell.name,
@@ -366,11 +365,10 @@ def run_cell(cell: Cell, config_file: str, opts: Sequence[str], out_dir: str | o
     nfdet_log = logging.getLogger("nfdet")  # a cell's setup() points it at the cell's log.txt
     log_state = (list(nfdet_log.handlers), nfdet_log.level, nfdet_log.propagate)
     try:
-        if args.num_gpus * args.num_machines == 1 and distributed.launcher_env() is None:
+        if num_gpus == 1:
             _train_cell(args, record)
         else:
-            launch(_train_cell, args.num_gpus, num_machines=args.num_machines,
-                   machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args, record))
+            launch(_train_cell, num_gpus, args=(args, record))
     except Exception as e:
         raise SweepError(f"cell {cell.name} (batch {cell.batch}, clipping "
                          f"{cell.clipping_label}) failed: {type(e).__name__}: {one_line(e)} "
@@ -383,16 +381,11 @@ def run_cell(cell: Cell, config_file: str, opts: Sequence[str], out_dir: str | o
 
 
 # ------------------------------------------------------------------------------------ sweep
-def _is_main_process() -> bool:
-    env = distributed.launcher_env()
-    return env is None or env.rank == 0
-
-
 def run_sweep(config_file: str, opts: Sequence[str], batch_sizes: Sequence[int],
               clippings: Sequence[float | None], out_dir: str | os.PathLike,
               base_lr: float = PAPER_BASE_LR, reference_batch: int = PAPER_REFERENCE_BATCH,
               epochs: int | None = None, force: bool = False, metric: str = "top1",
-              launch_args: dict | None = None) -> list[dict]:
+              num_gpus: int = 1) -> list[dict]:
     """Run (or reuse) every cell of ``batch_sizes`` x ``clippings`` and write the table and plot.
 
     Every cell's config is built and checked first (unknown keys, data paths, the sweep's
@@ -411,7 +404,9 @@ def run_sweep(config_file: str, opts: Sequence[str], batch_sizes: Sequence[int],
         epochs (int | None): ``SOLVER.EPOCHS`` of every cell (None: the config's).
         force (bool): run every cell again (previous folders moved aside).
         metric (str): the plotted top-1: ``"top1"`` (raw weights) or ``"ema_top1"``.
-        launch_args (dict | None): process layout of each cell (see ``run_cell``).
+        num_gpus (int): processes per cell, on this machine (see ``run_cell``). The sweep itself
+            is one process: not started by torchrun or srun (each cell starts its own
+            processes).
 
     Returns:
         list[dict]: the cells' records, in table order.
@@ -428,6 +423,12 @@ def run_sweep(config_file: str, opts: Sequence[str], batch_sizes: Sequence[int],
         raise ValueError(f"--reference-batch must be an integer >= 1, got {reference_batch!r}")
     if epochs is not None and not (isinstance(epochs, int) and epochs >= 1):
         raise ValueError(f"--epochs must be an integer >= 1, got {epochs!r}")
+    if not (isinstance(num_gpus, int) and num_gpus >= 1):
+        raise ValueError(f"--num-gpus must be an integer >= 1, got {num_gpus!r}")
+    env = distributed.launcher_env()
+    if env is not None and env.world_size > 1:
+        raise ValueError(f"started by {env.launcher} with {env.world_size} processes: run the "
+                         "sweep as one process with --num-gpus N (each cell starts its own)")
     if metric not in ("top1", "ema_top1"):
         raise ValueError(f"--metric must be 'top1' or 'ema_top1', got {metric!r}")
     opts = list(opts)
@@ -441,21 +442,19 @@ def run_sweep(config_file: str, opts: Sequence[str], batch_sizes: Sequence[int],
     check_data_paths(cfg)
     if metric == "ema_top1" and not cfg.SOLVER.EMA.ENABLED:
         raise ConfigError("--metric ema_top1 needs SOLVER.EMA.ENABLED True")
-    main = _is_main_process()
     common = _common_settings(config_file, opts, base_lr, reference_batch, epochs)
     title = _title(cfg, config_file, base_lr, reference_batch)
     records: list[dict] = []
     try:
         for cell in cells:
             record, reused = run_cell(cell, config_file, opts, out, base_lr, reference_batch,
-                                      epochs, force, launch_args)
+                                      epochs, force, num_gpus)
             records.append(record)
             logger.info("cell %s: %s%s", cell.name, _summary(record),
                         " (reused)" if reused else "")
-            if main:
-                write_tables(collect_records(out, common, clippings), out)
+            write_tables(collect_records(out, common, clippings), out)
     finally:
-        table = collect_records(out, common, clippings) if main and records else []
+        table = collect_records(out, common, clippings) if records else []
         if table:
             write_tables(table, out)
             plot_sweep(table, out / "agc_sweep.png", metric=metric, title=title)
@@ -555,7 +554,7 @@ def write_tables(records: Sequence[dict], out_dir: str | os.PathLike) -> None:
 def plot_sweep(records: Sequence[dict], path: str | os.PathLike, metric: str = "top1",
                title: str = "") -> None:
     """Top-1 against batch size (log2 axis), one line per clipping setting, the table beside it;
-    a diverged cell is a cross on the x axis (it has no top-1). Written atomically as a PNG.
+    a diverged cell is a cross in a band below 0 (it has no top-1). Written atomically as a PNG.
 
     Args:
         records (sequence[dict]): cell records (``run_cell``).
@@ -567,6 +566,7 @@ def plot_sweep(records: Sequence[dict], path: str | os.PathLike, metric: str = "
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.transforms
 
     clippings: list = []
     for r in records:
@@ -575,7 +575,12 @@ def plot_sweep(records: Sequence[dict], path: str | os.PathLike, metric: str = "
     batches = sorted({r["batch"] for r in records})
     fig, (ax, tab) = plt.subplots(1, 2, figsize=(13, 4.8), width_ratios=[1.0, 1.15])
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    marked = False
+    # Diverged cells have no top-1: a cross in the line's colour in a grey band below 0, one row
+    # per clipping setting.
+    valid = [r[metric] for r in records if not r["diverged"] and r[metric] is not None]
+    top = 1.08 * max(valid, default=100.0)
+    depth = 0.16 * top
+    any_diverged = False
     for i, clip in enumerate(clippings):
         rows = sorted((r for r in records if r["clipping"] == clip), key=lambda r: r["batch"])
         color = colors[i % len(colors)]
@@ -585,22 +590,27 @@ def plot_sweep(records: Sequence[dict], path: str | os.PathLike, metric: str = "
         ax.plot(xs, ys, marker="o", color=color, label=label)
         bad = [r["batch"] for r in rows if r["diverged"]]
         if bad:
-            ax.scatter(bad, [0.0] * len(bad), marker="x", s=80, color=color, clip_on=False,
-                       label=None if marked else "diverged (no top-1)", zorder=3)
-            marked = True
+            y = -depth * (i + 1) / (len(clippings) + 1)
+            ax.scatter(bad, [y] * len(bad), marker="x", s=70, color=color, zorder=3)
+            any_diverged = True
+    if any_diverged:
+        ax.axhspan(-depth, 0.0, color="0.85", zorder=0)
+        ax.text(0.01, -depth / 2, "diverged", transform=matplotlib.transforms.
+                blended_transform_factory(ax.transAxes, ax.transData), va="center", fontsize=8)
+        ax.scatter([], [], marker="x", color="black", label="diverged (no top-1)")
     ax.set_xscale("log", base=2)
     ax.set_xticks(batches, [str(b) for b in batches])
     ax.minorticks_off()
-    ax.set_ylim(bottom=0.0)
+    ax.set_ylim(-depth if any_diverged else 0.0, top)
     ax.set_xlabel("batch size")
     ax.set_ylabel(("EMA " if metric == "ema_top1" else "") + "top-1 (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     tab.axis("off")
-    cells = [[row["batch"], row["clipping"], row["lr"], row["steps"], row["top1"] or "-",
-              row["ema_top1"] or "-",
-              f"step {row['diverged_step']}" if row["diverged"] == "yes" else "no",
-              f"{float(row['seconds']):.0f}"] for row in _rows(records)]
+    cells = [[row["batch"], row["clipping"], row["lr"], row["steps"], _fmt(r["top1"]),
+              _fmt(r["ema_top1"]),
+              f"step {row['diverged_step']}" if r["diverged"] else "no",
+              f"{r['seconds']:.0f}"] for r, row in zip(records, _rows(records))]
     table = tab.table(cellText=cells, colLabels=["batch", "clipping", "lr", "steps", "top-1",
                                                  "EMA top-1", "diverged", "time (s)"],
                       loc="center", cellLoc="center")
