@@ -496,7 +496,7 @@ def collect_records(out_dir: str | os.PathLike, common: dict,
 
 def _title(cfg, config_file: str, base_lr: float, reference_batch: int) -> str:
     name = Path(config_file).stem
-    return (f"{name}: NFNet-{cfg.MODEL.NFNET.VARIANT}, {cfg.SOLVER.EPOCHS:g} epochs, "
+    return (f"{name} (variant {cfg.MODEL.NFNET.VARIANT}), {cfg.SOLVER.EPOCHS:g} epochs, "
             f"lr {base_lr:g} x B / {reference_batch}")
 
 
