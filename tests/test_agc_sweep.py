@@ -121,6 +121,21 @@ def test_force_reruns_and_keeps_the_previous_cell(shapes, tmp_path):
     assert len(_table(out)) == 1  # the moved-aside folder is not a cell of the table
 
 
+def test_an_interrupted_cell_resumes_from_its_checkpoint(shapes, tmp_path):
+    out = tmp_path / "resume"
+    first = _sweep(shapes, out, batches=[16], clippings=[0.05])[0]
+    cell = out / "b16_clip0.05"
+    # As if killed after the final checkpoint, before the result was written.
+    (cell / "cell_result.json").unlink()
+    rows = (cell / "metrics.jsonl").read_text().splitlines()
+    again = _sweep(shapes, out, batches=[16], clippings=[0.05])[0]
+    assert "Resumed from" in (cell / "log.txt").read_text()
+    new_rows = [json.loads(x) for x in (cell / "metrics.jsonl").read_text().splitlines()]
+    # No step trained again: only the final evaluation is appended, with the same accuracy.
+    assert [sorted(r) for r in new_rows[len(rows):]] == [sorted(json.loads(rows[-1]))]
+    assert again["top1"] == first["top1"] and again["ema_top1"] == first["ema_top1"]
+
+
 def test_diverged_runs_are_recorded_and_the_sweep_goes_on(shapes, tmp_path):
     out = tmp_path / "diverged"
     # lr 1e5 x B / 8 without clipping: the loss is not finite within a few steps.
