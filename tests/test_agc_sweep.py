@@ -225,3 +225,11 @@ def test_cells_in_two_gloo_processes(shapes, tmp_path):
         assert record["top1"] is not None
         assert (out / Path(record["output_dir"]).name / "log.txt.rank1").is_file()
     assert len(_table(out)) == 2
+
+
+def test_without_epochs_the_cells_train_the_configs_epochs(grid, shapes):
+    # nfnet_nano_shapes.yaml trains 30 epochs: without --epochs the cells are those of epochs=30,
+    # which the grid's cells (epochs=1) are not.
+    with pytest.raises(SweepError, match="epochs: 1, now 30"):
+        run_sweep(CONFIG, _opts(shapes), BATCHES, CLIPPINGS, grid, base_lr=BASE_LR,
+                  reference_batch=REFERENCE)

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import io
 import json
 import logging
@@ -52,6 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from .. import distributed
@@ -375,6 +377,10 @@ def run_cell(cell: Cell, config_file: str, opts: Sequence[str], out_dir: str | o
                          f"(log: {cell_dir / 'log.txt'})") from e
     finally:
         _restore_logger("nfdet", log_state)
+        # The cell's trainer (model, optimizer, loaders) is garbage now: free it before the next.
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     if not result_path.is_file():
         raise SweepError(f"cell {cell.name}: training ended without writing {result_path}")
     return json.loads(result_path.read_text()), False
@@ -442,6 +448,9 @@ def run_sweep(config_file: str, opts: Sequence[str], batch_sizes: Sequence[int],
     check_data_paths(cfg)
     if metric == "ema_top1" and not cfg.SOLVER.EMA.ENABLED:
         raise ConfigError("--metric ema_top1 needs SOLVER.EMA.ENABLED True")
+    # The config's epochs made explicit: a cell's stored settings do not depend on whether
+    # --epochs was given.
+    epochs = int(cfg.SOLVER.EPOCHS)
     common = _common_settings(config_file, opts, base_lr, reference_batch, epochs)
     title = _title(cfg, config_file, base_lr, reference_batch)
     records: list[dict] = []
