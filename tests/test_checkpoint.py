@@ -132,6 +132,21 @@ def test_checkpoint_helpers_exported():
         assert getattr(checkpoint, name) is getattr(io, name) and name in checkpoint.__all__
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomic_write_gives_the_mode_open_would(tmp_path, umask):
+    from nfdet.checkpoint.io import atomic_write
+
+    old = os.umask(umask)
+    try:
+        atomic_write(str(tmp_path / "out.bin"), lambda f: f.write(b"x"))
+        with open(tmp_path / "plain.bin", "wb") as f:
+            f.write(b"x")
+    finally:
+        os.umask(old)
+    mode = (tmp_path / "out.bin").stat().st_mode & 0o777
+    assert mode == 0o666 & ~umask == (tmp_path / "plain.bin").stat().st_mode & 0o777
+
+
 # ------------------------------------------------------------------------------------ detection
 HEAD_KEYS = ["head.fc.bias", "head.fc.weight"]
 
@@ -449,6 +464,7 @@ def test_pretrain_nan_loss_stops_naming_step_and_last_checkpoint(tmp_path, caplo
             trainer.train()
     message = str(info.value)
     assert f"at step {nan_step} " in message and message in caplog.text
+    assert info.value.step == nan_step  # for tools (tools/agc_sweep.py) that record it
     saved = sorted(p.name for p in out.glob("model_*.pth"))
     if last_good is None:
         assert "saved no checkpoint" in message and saved == []

@@ -121,6 +121,8 @@ def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
     prefix = ".tmp-" + os.path.basename(path) + "-"
     fd, tmp = tempfile.mkstemp(prefix=prefix, dir=directory)
     try:
+        # mkstemp makes the file private (0600); give it the mode open() would (0666 - umask).
+        os.fchmod(fd, 0o666 & ~_current_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -132,6 +134,12 @@ def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
         raise
     _fsync_dir(directory)
     _remove_stale_temporaries(directory, prefix)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(directory: str) -> None:

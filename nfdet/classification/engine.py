@@ -65,6 +65,7 @@ from .transforms import build_test_transform, build_train_transform, normalize_b
 __all__ = [
     "PretrainTrainer",
     "StepResult",
+    "TrainingDiverged",
     "build_pretrain_model",
     "lr_factor",
     "evaluate",
@@ -74,6 +75,18 @@ __all__ = [
 ]
 
 logger = logging.getLogger("nfdet.pretrain")
+
+
+class TrainingDiverged(FloatingPointError):
+    """The training loss or weights became NaN or infinite.
+
+    Attributes:
+        step (int): the first non-finite step (numbering of metrics.jsonl).
+    """
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
 
 
 def get_world_size() -> int:
@@ -643,16 +656,17 @@ class PretrainTrainer:
                      "config": self.cfg.dump()},
         }
 
-    def _diverged(self, what: str, step: int) -> FloatingPointError:
+    def _diverged(self, what: str, step: int) -> TrainingDiverged:
         if self.last_checkpoint is not None:
             where = (f"the last good checkpoint is {self.last_checkpoint}; continue from it with "
                      "--resume (after lowering SOLVER.BASE_LR or SOLVER.AGC.CLIPPING, say)")
         else:
             where = (f"this run has saved no checkpoint yet (nothing in {self.cfg.OUTPUT_DIR} "
                      "was written by it)")
-        return FloatingPointError(
+        return TrainingDiverged(
             f"Training diverged: {what} at step {step} (numbering of metrics.jsonl). Stopped "
-            f"without saving the diverged weights; {where}."
+            f"without saving the diverged weights; {where}.",
+            step=step,
         )
 
     def check_finite(self, weights: bool = False) -> None:

@@ -102,7 +102,8 @@ def setup(args: argparse.Namespace):
     return cfg
 
 
-def _limit_cpu_threads(args: argparse.Namespace) -> None:
+def limit_cpu_threads(args: argparse.Namespace) -> None:
+    """Share a machine's cores among ``args.num_gpus`` (or the launcher's local) CPU processes."""
     # Several CPU processes on one machine share its cores (torchrun sets OMP_NUM_THREADS).
     env = distributed.launcher_env()
     per_machine = env.local_world_size if env is not None else args.num_gpus
@@ -112,7 +113,7 @@ def _limit_cpu_threads(args: argparse.Namespace) -> None:
 
 def main(args: argparse.Namespace) -> dict:
     """The per-process entry point: train, or evaluate with ``--eval-only``."""
-    _limit_cpu_threads(args)
+    limit_cpu_threads(args)
     cfg = setup(args)
     trainer = PretrainTrainer(cfg)
     if args.eval_only:

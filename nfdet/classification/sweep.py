@@ -46,7 +46,6 @@ import json
 import logging
 import math
 import os
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -63,7 +62,7 @@ from .cli import one_line
 from .config import load_pretrain_cfg
 from .data import check_data_paths
 from .engine import PretrainTrainer, get_rank, get_world_size
-from .launch import _limit_cpu_threads, launch, setup
+from .launch import launch, limit_cpu_threads, setup
 
 __all__ = [
     "PAPER_BASE_LR",
@@ -98,10 +97,6 @@ SWEEP_KEYS = (
 )
 TABLE_COLUMNS = ("batch", "clipping", "lr", "steps", "epochs", "top1", "ema_top1", "diverged",
                  "diverged_step", "seconds", "output_dir")
-
-
-# "Training diverged: the loss is NaN or infinite at step 53 (...)" (PretrainTrainer).
-_DIVERGED_STEP = re.compile(r"\bat step (\d+)")
 
 
 class SweepError(RuntimeError):
@@ -246,7 +241,7 @@ def _train_cell(args: argparse.Namespace, record: dict) -> None:
     A ``FloatingPointError`` (the trainer's divergence stop) becomes a result; other errors
     propagate.
     """
-    _limit_cpu_threads(args)
+    limit_cpu_threads(args)
     cfg = setup(args)
     start = time.perf_counter()
     trainer = PretrainTrainer(cfg)
@@ -264,8 +259,7 @@ def _train_cell(args: argparse.Namespace, record: dict) -> None:
                       top1=results.get("val/top1"), ema_top1=results.get("val_ema/top1"))
     except FloatingPointError as e:
         # The first non-finite step as the trainer names it (else the step it stopped at).
-        found = _DIVERGED_STEP.search(str(e))
-        record.update(diverged=True, diverged_step=int(found.group(1)) if found else trainer.step,
+        record.update(diverged=True, diverged_step=getattr(e, "step", trainer.step),
                       message=str(e), top1=None, ema_top1=None)
     record["seconds"] = round(time.perf_counter() - start, 1)
     if get_rank() == 0:
