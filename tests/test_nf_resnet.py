@@ -671,3 +671,8 @@ def test_timm_differences_stated_in_docs_hold():
     assert transition.skipinit_gain is None
     assert torch.count_nonzero(transition.conv3.gain) == 0  # gain 0 stands in for skip_gain
     assert isinstance(model.final_act, nn.ReLU)  # the head pools relu(x), without gamma
+    # So nfdet's timm import (dm_nfnet_f* only) refuses it, saying why.
+    from nfdet.checkpoint import CheckpointFormatError, convert_timm_state_dict
+
+    with pytest.raises(CheckpointFormatError, match="skipinit_gain"):
+        convert_timm_state_dict(model.state_dict())
