@@ -10,7 +10,6 @@ import json
 import math
 import re
 import runpy
-from pathlib import Path
 
 import pytest
 import torch

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Signal propagation plot of an NFNet or NF-ResNet at initialisation on unit Gaussian input: per residual
-block, the average channel squared mean and variance of the residual stream (printed as a table
-and drawn as a PNG). See ``nfdet/modeling/signal_propagation.py`` for the choices behind the
+"""Signal propagation plot of an NFNet or NF-ResNet at initialisation on unit Gaussian input: per
+residual block, the average channel squared mean and variance of the residual stream (printed as
+a table and drawn as a PNG). See ``nfdet/modeling/signal_propagation.py`` for the choices behind the
 options.
 
 Example:
