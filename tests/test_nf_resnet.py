@@ -675,3 +675,38 @@ def test_timm_differences_stated_in_docs_hold():
 
     with pytest.raises(CheckpointFormatError, match="skipinit_gain"):
         convert_timm_state_dict(model.state_dict())
+
+
+# ---------------------------------------------------------------------------------------------
+# Export (the -inf padded max pool in traced graphs)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx", "torch_export"])
+def test_classifier_exports_match_eager(fmt, tmp_path):
+    import warnings
+
+    from helpers import set_skip_gains
+
+    from nfdet.export import export_classifier
+
+    model = _nano(num_classes=4)
+    set_skip_gains(model)
+    model.eval()
+    x = torch.randn(2, 3, 67, 61, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(x)
+    report = export_classifier(model, x, fmt, str(tmp_path))
+    if fmt == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(report.path, providers=["CPUExecutionProvider"])
+        got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    else:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            exported = (torch.jit.load(report.path) if fmt == "torchscript"
+                        else torch.export.load(report.path).module())
+            got = exported(x)
+    assert torch.isfinite(got).all()
+    assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item()
