@@ -426,8 +426,11 @@ def test_detector_backbone_is_norm_free_and_fully_trained(freeze_at):
     torch.manual_seed(0)
     model = build_model(_nf_resnet_quick_cfg("MODEL.BACKBONE.FREEZE_AT", freeze_at,
                                              "MODEL.MASK_ON", False))
+    from detectron2.layers import FrozenBatchNorm2d
+
     bottom_up = model.backbone.bottom_up
-    assert not [n for n, m in model.backbone.named_modules() if isinstance(m, NORM_TYPES)]
+    norms = (*NORM_TYPES, FrozenBatchNorm2d)
+    assert not [n for n, m in model.backbone.named_modules() if isinstance(m, norms)]
     assert bottom_up.trunk.final_conv is None and bottom_up.trunk.final_act is None
 
     def batch():
@@ -536,6 +539,16 @@ def test_nf_resnet_detector_loads_a_classifier_checkpoint(tmp_path):
         "backbone.bottom_up." + k for k in trunk}
     for key, value in trunk.items():
         assert torch.equal(detector["backbone.bottom_up." + key], value), key
+
+
+@pytest.mark.parametrize("variant", ["nf_resnet_nano", "nf_resnet50", "nano"])
+def test_variant_is_inferred_from_a_state_dict(variant):
+    from nfdet.checkpoint.formats import fit_to_variant
+
+    torch.manual_seed(0)
+    sd = build_nfnet(variant, num_classes=4).state_dict()
+    _, found, num_classes = fit_to_variant(sd, None, "test", {})
+    assert found == variant and num_classes == 4
 
 
 # ---------------------------------------------------------------------------------------------
