@@ -65,14 +65,15 @@ def add_nfnet_config(cfg: CN) -> None:
     if "MODEL" not in cfg:
         cfg.MODEL = node()
     cfg.MODEL.NFNET = node()
-    # A name from nfdet.modeling.NFNET_VARIANTS ("F0".."F7", "F0+".."F7+", "nano").
+    # A name from nfdet.modeling.NFNET_VARIANTS ("F0".."F7", "F0+".."F7+", "nano", and the
+    # NF-ResNets "nf_resnet50", "nf_resnet101", "nf_resnet152", "nf_resnet200", "nf_resnet_nano").
     cfg.MODEL.NFNET.VARIANT = "F0"
     cfg.MODEL.NFNET.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
     # Stochastic depth: block i of n is dropped with probability DROP_PATH_RATE * i / n.
     cfg.MODEL.NFNET.DROP_PATH_RATE = 0.0
     # res5 is the activated final 1x1 conv (2x the last stage width, as timm's feature list and
     # the classifier see it). False: res5 is the raw last-stage residual stream and the final conv
-    # is not built.
+    # is not built. NF-ResNets have no final conv: False (res5 = the last stage's output).
     cfg.MODEL.NFNET.RES5_FINAL_CONV = True
     # Activation checkpointing of the trunk in training: "" off, "stage" (the stem and each stage
     # keep only their input and are recomputed in backward) or "block" (each block): less memory

@@ -28,6 +28,8 @@ DETECTION_CONFIGS = sorted(CONFIGS.glob("*.yaml")) + sorted((CONFIGS / "quick").
 # Every config file, in every folder: each is checked by the trainer it is for.
 ALL_CONFIGS = sorted(CONFIGS.rglob("*.yaml"))
 DETECTION_BASE = CONFIGS / "Base-NFNet-RCNN-FPN.yaml"
+# The NF-ResNet detectors mirror detectron2's R-CNN FPN base (tests/test_nf_resnet.py).
+NF_RESNET_DETECTION_BASE = CONFIGS / "Base-NFResNet-RCNN-FPN.yaml"
 PRETRAIN_BASE = CONFIGS / "pretrain" / "Base-NFNet-Pretrain.yaml"
 
 
@@ -47,7 +49,8 @@ def _chain_root(path: Path) -> Path:
 @pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_every_config_file_passes_the_checks_of_its_trainer(path: Path):
     root = _chain_root(path)
-    assert root in (DETECTION_BASE, PRETRAIN_BASE), f"{path}: its _BASE_ chain ends in {root}"
+    assert root in (DETECTION_BASE, NF_RESNET_DETECTION_BASE, PRETRAIN_BASE), (
+        f"{path}: its _BASE_ chain ends in {root}")
     if root == PRETRAIN_BASE:
         # tools/pretrain_net.py's loading: merge, variant check, pretraining value checks.
         cfg = load_pretrain_cfg(str(path))
@@ -73,8 +76,10 @@ def test_config_loads_and_builds(path: Path):
     assert not re.search(r"\b(DEPTHS|WIDTHS|depths|widths)\b", text)
     cfg = _load(path)
     assert cfg.MODEL.BACKBONE.NAME == "build_nfnet_fpn_backbone"
-    # Normalization in the FPN (nfdet's default, docs/small_batch.md), never in the backbone.
-    assert cfg.MODEL.FPN.NORM == "GN"
+    # Normalization in the FPN (nfdet's default, docs/small_batch.md), never in the backbone;
+    # the NF-ResNet configs keep detectron2's FPN without normalization.
+    nf_resnet = _chain_root(path) == NF_RESNET_DETECTION_BASE
+    assert cfg.MODEL.FPN.NORM == ("" if nf_resnet else "GN")
     assert cfg.INPUT.FORMAT == "RGB"
     assert list(cfg.MODEL.PIXEL_MEAN) == [123.675, 116.28, 103.53]
     assert list(cfg.MODEL.PIXEL_STD) == [58.395, 57.12, 57.375]
@@ -103,7 +108,9 @@ def test_config_loads_and_builds(path: Path):
     assert {n for n in bottom_up.state_dict()} == trunk_names
     shapes = bottom_up.output_shape()
     assert [shapes[f].stride for f in ("res2", "res3", "res4", "res5")] == [4, 8, 16, 32]
-    assert shapes["res5"].channels == classifier.trunk.final_conv.out_channels
+    final_conv = classifier.trunk.final_conv
+    assert shapes["res5"].channels == (final_conv.out_channels if final_conv is not None
+                                       else classifier.trunk.stage_channels[-1])
 
     if variant == "nano":
         model.eval()

@@ -1,12 +1,13 @@
 #!/usr/bin/env python
-"""Signal propagation plot of an NFNet at initialisation on unit Gaussian input: per residual
-block, the average channel squared mean and variance of the residual stream (printed as a table
-and drawn as a PNG). See ``nfdet/modeling/signal_propagation.py`` for the choices behind the
+"""Signal propagation plot of an NFNet or NF-ResNet at initialisation on unit Gaussian input: per
+residual block, the average channel squared mean and variance of the residual stream (printed as
+a table and drawn as a PNG). See ``nfdet/modeling/signal_propagation.py`` for the choices behind the
 options.
 
 Example:
     python tools/signal_propagation.py --variant F0 --out spp.png
     python tools/signal_propagation.py --variant F0 --shortcut-pool subsample
+    python tools/signal_propagation.py --variant nf_resnet50 --out spp_nf_resnet50.png
 """
 
 from __future__ import annotations
@@ -51,10 +52,11 @@ def main(argv: list[str] | None = None) -> None:
         shortcut_pool=args.shortcut_pool,
         seed=args.seed,
     )
-    print(f"NFNet-{args.variant}, input {args.batch}x3x{args.size}x{args.size} N(0, 1)")
+    name = args.variant if args.variant.lower().startswith("nf_") else f"NFNet-{args.variant}"
+    print(f"{name}, input {args.batch}x3x{args.size}x{args.size} N(0, 1)")
     print(format_spp_table(signals))
     if args.out:
-        title = f"NFNet-{args.variant} signal propagation at init ({args.shortcut_pool} shortcut)"
+        title = f"{name} signal propagation at init ({args.shortcut_pool} shortcut)"
         plot_spp(signals, args.out, title=title)
         print(f"wrote {args.out}")
 

@@ -206,10 +206,10 @@ def _spec_signature(spec: NFNetSpec) -> tuple:
     return (
         tuple(spec.depths),
         tuple(spec.widths),
-        tuple(spec.stem_widths) + (spec.stem_out,),
+        spec.stem_conv_widths,
         tuple(spec.bottleneck_width(w) for w in spec.widths),
-        tuple(spec.bottleneck_width(w) // spec.group_size for w in spec.widths),
-        spec.num_features,
+        tuple(spec.conv_groups(w) for w in spec.widths),
+        spec.num_features if spec.final_multiplier else 0,
     )
 
 
@@ -227,7 +227,8 @@ def _state_dict_signature(sd: Mapping[str, torch.Tensor]) -> tuple:
         mids.append(w2.shape[0])
         groups.append(w2.shape[0] // w2.shape[1])
         s += 1
-    stem = tuple(sd[f"trunk.stem.conv{i}.weight"].shape[0] for i in range(1, 5))
+    stem = tuple(sd[f"trunk.stem.conv{i}.weight"].shape[0] for i in range(1, 5)
+                 if f"trunk.stem.conv{i}.weight" in sd)
     feats = sd["trunk.final_conv.weight"].shape[0] if "trunk.final_conv.weight" in sd else 0
     return tuple(depths), tuple(widths), stem, tuple(mids), tuple(groups), feats
 

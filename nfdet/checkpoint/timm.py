@@ -2,6 +2,10 @@
 
 timm's keys already follow nfdet's layout (``stem.*``, ``stages.S.B.*``, ``final_conv.*``,
 ``head.fc.*``); inside a block three modules and the skip gain are named differently.
+
+timm's ``nf_resnet*`` models are not DeepMind's NF-ResNets (average-pool shortcuts, symmetric
+padding, no skip gains, gamma in the stem conv): they do not convert (docs/nf_resnet.md lists
+which keys correspond and what differs).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""NFNet as a detectron2 backbone, alone or under an FPN.
+"""NFNet (or NF-ResNet) as a detectron2 backbone, alone or under an FPN.
 
 The backbone wraps the classifier's own ``NFNetTrunk`` (attribute ``trunk``), so classifier
 weights ``trunk.*`` are the detector's ``backbone.trunk.*`` (plain) or
@@ -31,6 +31,9 @@ class NFNetBackbone(Backbone):
       tensor the classifier pools and timm lists as its last feature; its pretrained weights are
       then used too. With ``res5_final_conv=False`` it is the raw last-stage output (1536 channels
       for F0) and the final conv is not built (its checkpoint weights are reported as unused).
+    - NF-ResNets have no final conv: ``res5`` is the raw output of the last stage (2048 channels),
+      in the same pre-activation convention as ``res2``..``res4`` and as timm's feature taps
+      (docs/nf_resnet.md, "Detection"); they need ``res5_final_conv=False``.
 
     Only the stages needed for ``out_features`` are built, and never a classifier head, so every
     parameter takes part in the loss (detectron2 wraps DDP without ``find_unused_parameters``).
@@ -71,6 +74,11 @@ class NFNetBackbone(Backbone):
                 f"got {out_features}"
             )
         num_stages = max(STAGE_NAMES.index(f) for f in out_features) + 1
+        if res5_final_conv and "res5" in out_features and not spec.final_multiplier:
+            raise ValueError(
+                "res5_final_conv=True needs a variant with a final 1x1 conv; this one has none "
+                "(an NF-ResNet): use res5_final_conv=False (res5 = the last stage's output)"
+            )
         self.res5_final_conv = bool(res5_final_conv) and "res5" in out_features
         self.trunk = NFNetTrunk(
             spec,
@@ -166,8 +174,16 @@ def build_nfnet_backbone(cfg, input_shape: ShapeSpec) -> NFNetBackbone:
         cfg (CfgNode): detectron2 config with nfdet's keys (``add_nfnet_config``).
         input_shape (ShapeSpec): image channels.
     """
+    spec = _spec_from_cfg(cfg)
+    if (cfg.MODEL.NFNET.RES5_FINAL_CONV and "res5" in cfg.MODEL.NFNET.OUT_FEATURES
+            and not spec.final_multiplier):
+        raise ValueError(
+            f"MODEL.NFNET.RES5_FINAL_CONV is True but MODEL.NFNET.VARIANT "
+            f"{cfg.MODEL.NFNET.VARIANT!r} has no final 1x1 conv (NF-ResNets): set "
+            "MODEL.NFNET.RES5_FINAL_CONV False (res5 is then the last stage's output)"
+        )
     return NFNetBackbone(
-        _spec_from_cfg(cfg),
+        spec,
         out_features=cfg.MODEL.NFNET.OUT_FEATURES,
         res5_final_conv=cfg.MODEL.NFNET.RES5_FINAL_CONV,
         drop_path_rate=cfg.MODEL.NFNET.DROP_PATH_RATE,

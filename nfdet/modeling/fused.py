@@ -6,14 +6,16 @@ It is an optimization of the plain code, not a second model: same parameters, sa
 - **Folded scalars.** A convolution is linear, so ``conv(x * gamma * beta)`` is the conv with
   its standardized weight scaled by ``gamma * beta``: the activations' gammas and the block's
   beta cost no pass over the activations.
-- **Fused activations.** conv1, conv2, conv2b and the first three stem convs return
-  ``act(conv(.))`` (without gamma, which the next conv's weight carries); in eval the
-  activation is a oneDNN post-op of the convolution.
+- **Fused activations.** conv1, conv2, conv2b (where the block has one) and the first three
+  stem convs return ``act(conv(.))`` (without gamma, which the next conv's weight carries); in
+  eval the activation is a oneDNN post-op of the convolution. (The NF-ResNet stem, one conv and a
+  max pool, has no fused form: it runs its plain code.)
 - **Packed eval weights.** In eval without a gradient to the weights, the standardized
   (scaled) weight is cached (``ScaledStdConv2d.eval_weight``) and reordered once into oneDNN's
   blocked layout for the last input shape (``PackedWeight``).
 - **The residual on the gate.** ``branch * 2 * gate * skip_gain * alpha + shortcut`` is one
-  ``addcmul`` of conv3's output with the (N, C, 1, 1) gate ``2 * gate * skip_gain * alpha``;
+  ``addcmul`` of conv3's output with the (N, C, 1, 1) gate ``2 * gate * skip_gain * alpha``
+  (an (N, 1, 1, 1) ``skip_gain * alpha`` for blocks without squeeze-excite, the NF-ResNets');
   stochastic depth zeroes a sample's gate (the same draw as on the branch).
 - **Reused buffers without autograd.** The zero-padded input of a SAME-padded conv and a
   block's ``act(x)`` go into buffers kept between calls (``EvalWorkspace``), and the residual
@@ -308,9 +310,15 @@ def block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     else:
         shortcut, out = _block_entry(block, x, act.fn(x), entry_scale, act)
     out = conv(block.conv2, out, gamma, act)
-    out = conv(block.conv2b, out, gamma, act)
+    if block.conv2b is not None:
+        out = conv(block.conv2b, out, gamma, act)
     out = conv(block.conv3, out, gamma)
-    gate = block.se(out) * (block.skip_gain * (2.0 * block.alpha))
+    if block.se is not None:
+        gate = block.se(out) * (block.skip_gain * (2.0 * block.alpha))
+    else:
+        # No squeeze-excite (NF-ResNets): the gate is the scalar, one per sample so that
+        # stochastic depth draws the same (N, 1, 1, 1) mask as on the branch.
+        gate = (block.skip_gain * block.alpha).expand(out.shape[0], 1, 1, 1)
     gate = block.drop_path(gate)
     if not (torch.is_grad_enabled()
             and (out.requires_grad or shortcut.requires_grad or gate.requires_grad)):

@@ -70,9 +70,11 @@ def same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tupl
 
 @torch.fx.wrap
 def pad_same(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int],
-             dilation: tuple[int, int] = (1, 1)) -> torch.Tensor:
-    """``x`` zero-padded as TensorFlow's 'SAME' convolutions pad it (DeepMind pads this way
-    everywhere; e.g. a stride-2 3x3 conv on an even size pads 0 before and 1 after).
+             dilation: tuple[int, int] = (1, 1), value: float = 0.0) -> torch.Tensor:
+    """``x`` padded as TensorFlow's 'SAME' convolutions and poolings pad it (DeepMind pads this
+    way everywhere; e.g. a stride-2 3x3 conv on an even size pads 0 before and 1 after).
+    ``value`` is the fill: 0 for convolutions, ``-inf`` for max pooling (TF's SAME max pool
+    ignores the padded positions).
 
     The padding depends on the input size: a traced graph (TorchScript, ONNX) serves inputs
     whose sizes have the traced ones' parity. An FX graph calls this function (it is wrapped).
@@ -80,7 +82,7 @@ def pad_same(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int],
     ph = same_padding(x.shape[-2], kernel[0], stride[0], dilation[0])
     pw = same_padding(x.shape[-1], kernel[1], stride[1], dilation[1])
     if any(ph) or any(pw):
-        x = F.pad(x, (pw[0], pw[1], ph[0], ph[1]))
+        x = F.pad(x, (pw[0], pw[1], ph[0], ph[1]), value=value)
     return x
 
 

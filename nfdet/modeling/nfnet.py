@@ -1,5 +1,7 @@
 """NFNet trunk and classifier (Brock et al., "High-Performance Large-Scale Image Recognition
-Without Normalization", ICML 2021).
+Without Normalization", ICML 2021); the same trunk builds NF-ResNets (DeepMind's
+``nf_resnet.py``: a 7x7 stem with max pooling, ungrouped blocks without ``conv2b`` and
+squeeze-excite, strided 1x1 conv shortcuts, no final conv; docs/nf_resnet.md).
 
 Differences from the official implementation (DeepMind, JAX/Haiku):
     - GELU is exact (``F.gelu``, as timm's PyTorch port of the released weights); DeepMind trained
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -25,6 +28,7 @@ from .layers import (
     SqueezeExcite,
     StochasticDepth,
     capturing_graph,
+    pad_same,
     spatial_mean,
 )
 from .variants import NFNetSpec, get_variant
@@ -33,6 +37,7 @@ __all__ = [
     "ACTIVATION_CHECKPOINT_MODES",
     "NFBlock",
     "NFStem",
+    "NFResNetStem",
     "NFNetTrunk",
     "NFNet",
     "build_nfnet",
@@ -50,12 +55,15 @@ torch.fx.wrap("spatial_mean")
 
 
 class NFBlock(DerivedTensors):
-    """Normalizer-free bottleneck block (docs/reference.md, "Architecture").
+    """Normalizer-free bottleneck block (docs/reference.md, "Architecture" and "NF-ResNets").
 
     ``out = act(x) * beta``; the branch is 1x1 -> act -> grouped 3x3 (stride) -> act -> grouped
     3x3 -> act -> 1x1, squeeze-excite (gate x 2), stochastic depth and a scalar ``skip_gain``
     (init 0); the result is ``branch * alpha + shortcut``. The shortcut is ``x``, or a 1x1 conv
     of ``act(x) * beta`` (after a 2x2 average pool when strided) when the shape changes.
+    NF-ResNet blocks (``conv2b=False``, ``se_hidden=0``, ``shortcut="strided_conv"``, group size
+    = bottleneck width) leave out the second 3x3 conv and squeeze-excite, and their shortcut is
+    a 1x1 conv with the block's stride (no pool).
 
     ``forward`` is that formulation, step by step. On CPU in float32 the same function runs
     through ``fused.block_forward`` (gamma and beta folded into the convs, activations fused,
@@ -66,13 +74,16 @@ class NFBlock(DerivedTensors):
         in_channels (int): input channels.
         out_channels (int): output channels.
         bottleneck_channels (int): width of the grouped convs.
-        group_size (int): channels per group.
-        se_hidden (int): squeeze-excite hidden width.
+        group_size (int): channels per group (``bottleneck_channels``: ungrouped).
+        se_hidden (int): squeeze-excite hidden width; 0: no squeeze-excite.
         stride (int): 1 or 2.
         alpha (float): residual branch scale.
         beta (float): 1 / expected std of the input.
         drop_path_rate (float): stochastic depth rate.
         activation (str): a key of the activation registry.
+        conv2b (bool): build the second grouped 3x3 conv (NFNets; NF-ResNets have none).
+        shortcut (str): "avg_pool" (2x2 average pool when strided, then a 1x1 conv; NFNets) or
+            "strided_conv" (a 1x1 conv with the block's stride; NF-ResNets).
     """
 
     def __init__(
@@ -87,31 +98,41 @@ class NFBlock(DerivedTensors):
         beta: float = 1.0,
         drop_path_rate: float = 0.0,
         activation: str = "gelu",
+        conv2b: bool = True,
+        shortcut: str = "avg_pool",
     ):
         super().__init__()
         get_activation(activation)  # an unknown name fails here, naming it
+        if shortcut not in ("avg_pool", "strided_conv"):
+            raise ValueError(f"shortcut must be 'avg_pool' or 'strided_conv', got {shortcut!r}")
         self.alpha = alpha
         self.beta = beta
         self.stride = stride
         self.activation = activation
         groups = bottleneck_channels // group_size
         self.act = GammaAct(activation)
-        if stride > 1:
+        pooled = shortcut == "avg_pool"
+        if stride > 1 and pooled:
             # SAME average pooling: a border window averages only its valid inputs.
             self.pool = nn.AvgPool2d(2, stride=2, ceil_mode=True, count_include_pad=False)
         else:
             self.pool = None
         if stride > 1 or in_channels != out_channels:
-            self.shortcut = ScaledStdConv2d(in_channels, out_channels, 1)
+            self.shortcut = ScaledStdConv2d(in_channels, out_channels, 1,
+                                            stride=1 if pooled else stride)
         else:
             self.shortcut = None
         self.conv1 = ScaledStdConv2d(in_channels, bottleneck_channels, 1)
         self.conv2 = ScaledStdConv2d(
             bottleneck_channels, bottleneck_channels, 3, stride=stride, groups=groups
         )
-        self.conv2b = ScaledStdConv2d(bottleneck_channels, bottleneck_channels, 3, groups=groups)
+        if conv2b:
+            self.conv2b = ScaledStdConv2d(bottleneck_channels, bottleneck_channels, 3,
+                                          groups=groups)
+        else:
+            self.conv2b = None
         self.conv3 = ScaledStdConv2d(bottleneck_channels, out_channels, 1)
-        self.se = SqueezeExcite(out_channels, se_hidden)
+        self.se = SqueezeExcite(out_channels, se_hidden) if se_hidden > 0 else None
         self.drop_path = StochasticDepth(drop_path_rate)
         self.skip_gain = nn.Parameter(torch.zeros(()))
 
@@ -123,16 +144,19 @@ class NFBlock(DerivedTensors):
         out = self.act(x) * self.beta
         shortcut = x
         if self.shortcut is not None:
-            # A transition block re-projects the normalized activations (average pool first
-            # when strided): its output starts a stream of unit variance again.
+            # A transition block re-projects the normalized activations (NFNets: average pool
+            # first when strided; NF-ResNets: a strided 1x1 conv): its output starts a stream of
+            # unit variance again.
             shortcut = self.shortcut(self.pool(out) if self.pool is not None else out)
         # Weight-standardized convs preserve unit variance; gamma-scaled activations too.
         out = self.conv1(out)
         out = self.conv2(self.act(out))
-        out = self.conv2b(self.act(out))
+        if self.conv2b is not None:
+            out = self.conv2b(self.act(out))
         out = self.conv3(self.act(out))
-        # The sigmoid gate is ~0.5 at init: the x2 keeps the branch's variance.
-        out = 2.0 * self.se(out) * out
+        if self.se is not None:
+            # The sigmoid gate is ~0.5 at init: the x2 keeps the branch's variance.
+            out = 2.0 * self.se(out) * out
         out = self.drop_path(out)
         # skip_gain starts at 0: every block is the identity at init.
         out = out * self.skip_gain
@@ -187,6 +211,38 @@ class NFStem(nn.Module):
             self._modules["act"] = GammaAct(self.activation)
 
 
+class NFResNetStem(nn.Module):
+    """NF-ResNet stem, stride 4 (docs/reference.md, "NF-ResNets"): a 7x7 stride-2 conv, then a
+    3x3 stride-2 max pool, no activation (the first block activates its input).
+
+    Both pad as TensorFlow's 'SAME' (DeepMind's ``padding='SAME'``): the conv with zeros, as
+    every nfdet conv; the max pool with ``-inf``, so a border window takes the maximum of its
+    valid inputs only. The fused CPU path does not apply to this stem (one conv: the plain code
+    with its eval weight cache).
+
+    Args:
+        in_channels (int): image channels.
+        widths (tuple[int]): output channels of the conv, ``(64,)`` for DeepMind's variants.
+        activation (str): a key of the activation registry (kept for the trunk's bookkeeping;
+            the stem applies none).
+    """
+
+    def __init__(self, in_channels: int, widths: tuple[int, ...], activation: str = "relu"):
+        super().__init__()
+        (c1,) = widths
+        self.activation = activation
+        self.conv1 = ScaledStdConv2d(in_channels, c1, 7, stride=2)
+        self.out_channels = c1
+        self.stride = 4
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(x)
+        return F.max_pool2d(pad_same(x, (3, 3), (2, 2), value=float("-inf")), 3, stride=2)
+
+
+STEM_TYPES = {"deep": NFStem, "7x7_pool": NFResNetStem}
+
+
 @torch.fx.wrap
 def to_memory_format(x: torch.Tensor, memory_format: str) -> torch.Tensor:
     """``x`` in the trunk's layout: ``memory_format`` "auto" (channels_last on CPU, the input's
@@ -204,7 +260,8 @@ def to_memory_format(x: torch.Tensor, memory_format: str) -> torch.Tensor:
 
 
 class NFNetTrunk(nn.Module):
-    """Stem, stages and the final 1x1 conv: the part shared by the classifier and the detector.
+    """Stem, stages and the final 1x1 conv (for variants with one) and activation: the part
+    shared by the classifier and the detector.
 
     The signal-propagation bookkeeping lives here and only here: each block's ``beta`` is
     ``1 / expected_std`` of its input; after a block ``expected_std`` grows as
@@ -217,7 +274,9 @@ class NFNetTrunk(nn.Module):
     Args:
         spec (NFNetSpec): the architecture.
         num_stages (int): how many stages to build (1..4); later ones are skipped entirely.
-        final_conv (bool): build the final 1x1 conv (requires all 4 stages).
+        final_conv (bool): build the classifier's feature head (requires all 4 stages): the
+            final 1x1 conv, where the variant has one (``spec.final_multiplier``), and the final
+            activation. NF-ResNets have only the activation.
         drop_path_rate (float): stochastic depth rate of the last block.
         in_channels (int): image channels.
         activation (str | None): override the variant's nonlinearity.
@@ -264,7 +323,7 @@ class NFNetTrunk(nn.Module):
             raise ValueError("final_conv=True needs every stage (num_stages=4)")
         act = activation or spec.activation
         self.spec = spec
-        self.stem = NFStem(in_channels, spec.stem_widths + (spec.stem_out,), act)
+        self.stem = STEM_TYPES[spec.stem](in_channels, spec.stem_conv_widths, act)
         total_blocks = sum(spec.depths)
         self.stages = nn.ModuleList()
         self.stage_channels: list[int] = []
@@ -280,13 +339,16 @@ class NFNetTrunk(nn.Module):
                         channels,
                         out_channels,
                         bottleneck_channels=spec.bottleneck_width(out_channels),
-                        group_size=spec.group_size,
-                        se_hidden=max(1, int(out_channels * spec.se_ratio)),
+                        group_size=(spec.bottleneck_width(out_channels)
+                                    // spec.conv_groups(out_channels)),
+                        se_hidden=spec.se_hidden(out_channels),
                         stride=STAGE_STRIDES[s] if b == 0 else 1,
                         alpha=spec.alpha,
                         beta=1.0 / expected_std,  # the std of this block's input
                         drop_path_rate=drop_path_rate * block_idx / total_blocks,
                         activation=act,
+                        conv2b=spec.conv2b,
+                        shortcut=spec.shortcut,
                     )
                 )
                 if b == 0:
@@ -301,7 +363,10 @@ class NFNetTrunk(nn.Module):
             self.stage_channels.append(out_channels)
             self.stage_strides.append(stride)
         if final_conv:
-            self.final_conv = ScaledStdConv2d(channels, spec.num_features, 1)
+            if spec.final_multiplier:
+                self.final_conv = ScaledStdConv2d(channels, spec.num_features, 1)
+            else:
+                self.final_conv = None
             self.final_act = GammaAct(act)
         else:
             self.final_conv = None
@@ -338,12 +403,15 @@ class NFNetTrunk(nn.Module):
         if self.final_conv is not None:
             # The last stage's stream is not activated by a block: the final 1x1 conv widens it
             # (final_multiplier x) and its activation gives the features the head pools.
-            x = self.final_act(self.final_conv(x))
+            x = self.final_conv(x)
+        if self.final_act is not None:
+            # (NF-ResNets: the activated last stage, DeepMind's act -> pool.)
+            x = self.final_act(x)
         return x
 
 
 class NFNet(nn.Module):
-    """NFNet image classifier: trunk -> global average pool -> dropout -> linear.
+    """NFNet (or NF-ResNet) image classifier: trunk -> global average pool -> dropout -> linear.
 
     Args:
         spec (NFNetSpec): the architecture.
@@ -398,7 +466,8 @@ class NFNet(nn.Module):
         nn.init.zeros_(self.head.fc.bias)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The last feature map before pooling (activated final conv)."""
+        """The last feature map before pooling (activated final conv; NF-ResNets: the activated
+        last stage)."""
         return self.trunk(x)
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
@@ -412,7 +481,8 @@ def build_nfnet(variant: str, num_classes: int = 1000, **overrides) -> NFNet:
     """Build an NFNet classifier.
 
     Args:
-        variant (str): a key of ``NFNET_VARIANTS`` ("F0".."F7", "F0+".."F7+", "nano").
+        variant (str): a key of ``NFNET_VARIANTS`` ("F0".."F7", "F0+".."F7+", "nano",
+            "nf_resnet50", "nf_resnet101", "nf_resnet152", "nf_resnet200", "nf_resnet_nano").
         num_classes (int): classifier outputs.
         **overrides: ``drop_rate``, ``drop_path_rate``, ``in_channels``, ``activation``,
             ``memory_format``, ``activation_checkpoint``, ``head_init_std``, or any

@@ -13,6 +13,10 @@ variance grows by ``alpha**2`` per block and is reset at every transition: the b
 skip gain to 1 for the measurement by default (``skip_gain=1.0``; restored afterwards); pass
 ``skip_gain=None`` to measure the model exactly as initialised.
 
+NF-ResNets (``nf_resnet*`` variants) have the strided 1x1 conv shortcut of the SPP paper and no
+squeeze-excite: the measurement needs no substitution for them (``shortcut_pool`` changes
+nothing, as their blocks have no pool).
+
 Average-pool shortcuts: NFNets downsample the transition shortcut with a 2x2 average pool (the
 ResNet-D shortcut), while the NF-ResNets of the SPP paper used a strided 1x1 conv. On a unit
 Gaussian input the features are nearly uncorrelated across space, so the pool divides the variance
@@ -101,9 +105,13 @@ def _recording(blocks: list[tuple[int, int, NFBlock]]) -> Iterator[dict[int, dic
     for i, (_, _, block) in enumerate(blocks):
 
         # The branch before skip_gain * alpha is no module's output: rebuild it from conv3's
-        # output and the squeeze-excite gate (with hooks, blocks run their plain code).
-        def on_conv3(_module, _args, out, i=i):
-            records.setdefault(i, {})["_conv3"] = out
+        # output and the squeeze-excite gate (with hooks, blocks run their plain code). Without
+        # squeeze-excite (NF-ResNets) conv3's output is the branch.
+        def on_conv3(_module, _args, out, i=i, has_se=block.se is not None):
+            if has_se:
+                records.setdefault(i, {})["_conv3"] = out
+            else:
+                records.setdefault(i, {})["residual_variance"] = _channel_stats(out)[1]
 
         def on_gate(_module, _args, gate, i=i):
             branch = records[i].pop("_conv3") * (2.0 * gate)
@@ -114,7 +122,8 @@ def _recording(blocks: list[tuple[int, int, NFBlock]]) -> Iterator[dict[int, dic
             records.setdefault(i, {}).update(squared_mean=sq, variance=var)
 
         handles.append(block.conv3.register_forward_hook(on_conv3))
-        handles.append(block.se.register_forward_hook(on_gate))
+        if block.se is not None:
+            handles.append(block.se.register_forward_hook(on_gate))
         handles.append(block.register_forward_hook(on_block))
     try:
         yield records
@@ -154,7 +163,7 @@ def signal_propagation(
     shortcut_pool: str = "avg",
     seed: int = 0,
 ) -> list[BlockSignal]:
-    """Measure the signal propagation of an NFNet on a unit Gaussian input.
+    """Measure the signal propagation of an NFNet (or NF-ResNet) on a unit Gaussian input.
 
     Args:
         model (nn.Module): an ``NFNet`` or ``NFNetTrunk`` (used in eval mode; its mode, and its
