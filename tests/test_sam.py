@@ -330,6 +330,31 @@ def _losses(out: Path) -> dict[int, tuple]:
             for r in rows if "loss" in r}
 
 
+def test_sam_under_bfloat16_autocast_tracks_float32(tmp_path):
+    """The SAM step under bfloat16 autocast (the GPU default; on CPU set by hand, since CPU runs
+    are float32) stays close to the float32 SAM step and far from the plain bfloat16 step: the
+    perturbation is applied and undone in float32 weights, whatever the forward's precision."""
+    data = _folder(tmp_path / "data")
+    sam = ("SOLVER.SAM.RHO", str(RHO), "SOLVER.SAM.ASCENT_FRACTION", "0.5")
+    runs = {}
+    for name, dtype, opts in (("fp32", None, sam), ("bf16", torch.bfloat16, sam),
+                              ("plain_bf16", torch.bfloat16, ())):
+        trainer = _trainer(_cfg(data, tmp_path / name, *opts))
+        trainer.amp_dtype = dtype
+        start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        for step, batch in enumerate(_batches(2)):
+            trainer._set_lr(step)
+            result = trainer.run_step([batch])
+            assert torch.isfinite(result.loss)
+        state = trainer.model.state_dict()
+        assert all(v.dtype == start[k].dtype and bool(torch.isfinite(v).all())
+                   for k, v in state.items())
+        runs[name] = {k: state[k] - start[k] for k in state if state[k].is_floating_point()}
+    err = _max_difference(runs["bf16"], runs["fp32"])
+    sam_effect = _max_difference(runs["plain_bf16"], runs["fp32"])
+    assert err < 0.2 * sam_effect, (err, sam_effect)
+
+
 def test_resume_with_sam_is_exact(tmp_path):
     """A SAM run (dropout and stochastic depth on: the ascent pass draws masks too) stopped
     between two optimizer steps and resumed equals the uninterrupted run, bit for bit."""
