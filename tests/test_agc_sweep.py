@@ -128,6 +128,12 @@ def test_an_interrupted_cell_resumes_from_its_checkpoint(shapes, tmp_path):
     # As if killed after the final checkpoint, before the result was written.
     (cell / "cell_result.json").unlink()
     rows = (cell / "metrics.jsonl").read_text().splitlines()
+    final = (cell / "model_final.pth").read_bytes()
+    # Continuing it with another learning rate is refused, and touches nothing.
+    with pytest.raises(SweepError, match=r"b16_clip0\.05: .* other settings \(base_lr: "):
+        _sweep(shapes, out, batches=[16], clippings=[0.05], base_lr=2 * BASE_LR)
+    assert (cell / "model_final.pth").read_bytes() == final
+    assert (cell / "metrics.jsonl").read_text().splitlines() == rows
     again = _sweep(shapes, out, batches=[16], clippings=[0.05])[0]
     assert "Resumed from" in (cell / "log.txt").read_text()
     new_rows = [json.loads(x) for x in (cell / "metrics.jsonl").read_text().splitlines()]

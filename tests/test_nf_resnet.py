@@ -470,7 +470,9 @@ MIRRORS = {
     "nf_resnet101_mask_rcnn_1x.yaml": "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml",
     "nf_resnet101_mask_rcnn_3x.yaml": "COCO-InstanceSegmentation/mask_rcnn_R_101_FPN_3x.yaml",
 }
-# The only keys allowed to differ: the backbone and its input convention.
+# The only keys allowed to differ: the backbone, its input convention, and AGC (nfdet's key:
+# the gradient clipping of the backbone's parameters only, asserted in the test below; the
+# FPN and heads keep detectron2's optimizer).
 BACKBONE_KEYS = ("MODEL.BACKBONE.NAME", "MODEL.WEIGHTS", "MODEL.PIXEL_MEAN", "MODEL.PIXEL_STD",
                  "INPUT.FORMAT")
 BACKBONE_PREFIXES = ("MODEL.NFNET.", "MODEL.RESNETS.", "SOLVER.AGC.")

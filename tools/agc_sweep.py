@@ -5,9 +5,10 @@
 Examples:
     # nano on the generated shapes (tools/make_demo_data.py output/demo_data), on CPU
     tools/agc_sweep.py --config nfnet_nano_shapes.yaml --batch-sizes 8,32,128 \\
-        --clipping 0.01,0.16,none --epochs 20 --base-lr 0.4 --reference-batch 32 \\
+        --clipping 0.01,0.16,none --epochs 40 --base-lr 0.1 --reference-batch 32 \\
         --out output/agc_sweep_nano DATA.ROOT output/demo_data/classification \\
-        INPUT.TRAIN_SIZE 32 INPUT.TEST_SIZE 32
+        INPUT.RANDOM_RESIZED_CROP.SCALE "(0.8, 1.0)" \\
+        SOLVER.AGC.EXCLUDE '["head.fc.weight", "*skip_gain"]'
     # the paper's NF-ResNet-50 ablation (docs/agc_sweep.md)
     tools/agc_sweep.py --config nf_resnet50_imagenet.yaml --num-gpus 8 \\
         --batch-sizes 256,512,1024,2048,4096 --clipping 0.01,0.02,0.04,0.08,0.16,none \\

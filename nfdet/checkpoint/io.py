@@ -137,7 +137,16 @@ def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
 
 
 def _current_umask() -> int:
-    mask = os.umask(0)  # the only way to read it is to set it
+    # Linux reports it without changing it; elsewhere it is read by setting it (briefly, so a
+    # file another thread creates in that moment would get the full mode).
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0)
     os.umask(mask)
     return mask
 

@@ -90,6 +90,8 @@ logger = logging.getLogger("nfdet.sweep")
 PAPER_BASE_LR = 0.1
 PAPER_REFERENCE_BATCH = 256
 RESULT_FILE = "cell_result.json"
+# A cell's settings, written before it trains: an interrupted cell resumes only with the same.
+SETTINGS_FILE = "cell_settings.json"
 # Keys the sweep sets in every cell; an override of one of them on the command line is an error.
 SWEEP_KEYS = (
     "SOLVER.IMS_PER_BATCH", "SOLVER.BASE_LR", "SOLVER.REFERENCE_BATCH_SIZE", "SOLVER.AGC.ENABLED",
@@ -335,18 +337,23 @@ def run_cell(cell: Cell, config_file: str, opts: Sequence[str], out_dir: str | o
         except (OSError, ValueError) as e:
             raise SweepError(f"cell {cell.name}: cannot read {result_path} ({e}); run with "
                              "--force to redo the cell") from e
-        old = record.get("settings", {})
-        changed = sorted(k for k in settings if old.get(k) != settings[k])
-        if changed:
-            k = changed[0]
-            raise SweepError(
-                f"cell {cell.name}: {cell_dir} was run with other settings ({k}: "
-                f"{old.get(k)!r}, now {settings[k]!r}); use another output folder or --force")
+        _check_same_settings(cell, cell_dir, record.get("settings", {}), settings)
         return record, True
     if force and cell_dir.exists():
         logger.info("cell %s: previous results moved to %s", cell.name, _move_aside(cell_dir))
-    resume = cell_dir.is_dir()  # interrupted earlier: continue from its last checkpoint
+    # Interrupted earlier: continue from its last checkpoint, only with the same settings (a
+    # run continued with another lr or length would be recorded under settings it never had).
+    resume = cell_dir.is_dir()
+    settings_path = cell_dir / SETTINGS_FILE
+    if resume and settings_path.is_file():
+        try:
+            started = json.loads(settings_path.read_text())
+        except (OSError, ValueError) as e:
+            raise SweepError(f"cell {cell.name}: cannot read {settings_path} ({e}); run with "
+                             "--force to redo the cell") from e
+        _check_same_settings(cell, cell_dir, started, settings)
     cell_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(settings_path, settings)
     args = argparse.Namespace(
         config_file=config_file, resume=resume, eval_only=False,
         opts=[*opts, *cell_opts(cell, str(cell_dir), base_lr, reference_batch, epochs)],
@@ -378,6 +385,15 @@ def run_cell(cell: Cell, config_file: str, opts: Sequence[str], out_dir: str | o
     if not result_path.is_file():
         raise SweepError(f"cell {cell.name}: training ended without writing {result_path}")
     return json.loads(result_path.read_text()), False
+
+
+def _check_same_settings(cell: Cell, cell_dir: Path, old: dict, new: dict) -> None:
+    changed = sorted(k for k in new if old.get(k) != new[k])
+    if changed:
+        k = changed[0]
+        raise SweepError(
+            f"cell {cell.name}: {cell_dir} was run with other settings ({k}: {old.get(k)!r}, "
+            f"now {new[k]!r}); use another output folder or --force")
 
 
 # ------------------------------------------------------------------------------------ sweep
@@ -456,12 +472,24 @@ def run_sweep(config_file: str, opts: Sequence[str], batch_sizes: Sequence[int],
             logger.info("cell %s: %s%s", cell.name, _summary(record),
                         " (reused)" if reused else "")
             write_tables(collect_records(out, common, clippings), out)
-    finally:
-        table = collect_records(out, common, clippings) if records else []
-        if table:
-            write_tables(table, out)
-            plot_sweep(table, out / "agc_sweep.png", metric=metric, title=title)
+    except BaseException:
+        # A failing cell: still write the table and plot of the finished ones, but never let
+        # an error there hide the cell's.
+        try:
+            _write_outputs(out, common, clippings, metric, title)
+        except Exception as e:
+            logger.error("could not write the table and plot of the finished cells: %s", e)
+        raise
+    _write_outputs(out, common, clippings, metric, title)
     return records
+
+
+def _write_outputs(out: Path, common: dict, clippings: Sequence[float | None], metric: str,
+                   title: str) -> None:
+    table = collect_records(out, common, clippings)
+    if table:
+        write_tables(table, out)
+        plot_sweep(table, out / "agc_sweep.png", metric=metric, title=title)
 
 
 def collect_records(out_dir: str | os.PathLike, common: dict,
