@@ -56,3 +56,19 @@ def register_coco():
     for name in names:
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
+
+
+@pytest.fixture(autouse=True)
+def _restore_nfdet_logger():
+    """Undo what a tool's in-process set-up (``launch.setup``, detectron2's ``setup_logger``)
+    does to the "nfdet" logger: its console handler writes to the test's captured stdout, which
+    is closed after the test, and later tests' log records would hit it ("Logging error")."""
+    log = logging.getLogger("nfdet")
+    state = (list(log.handlers), log.level, log.propagate)
+    yield
+    for handler in list(log.handlers):
+        if handler not in state[0]:
+            log.removeHandler(handler)
+            handler.close()
+    log.setLevel(state[1])
+    log.propagate = state[2]
