@@ -1,5 +1,6 @@
 """Helpers shared by the test files: repository paths, the quick detection config, nano models,
-classification checkpoints, image folders and the runner of ``tools/`` scripts.
+classification checkpoints, image folders, the runner of ``tools/`` scripts and the pieces of the
+2-process gloo tests.
 
 Imported as ``from helpers import ...`` (pytest puts ``tests/`` on ``sys.path``). detectron2 is
 imported inside the functions that need it, so that model-only test files do not pay for it.
@@ -11,6 +12,7 @@ import json
 import math
 import os
 import random
+import socket
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -306,3 +308,23 @@ def write_tiny_coco(root: Path, num_images: int = 4, seed: int = 0) -> tuple[Pat
         )
     )
     return json_path, image_dir
+
+
+# ---------------------------------------------------------------------------- 2-process gloo
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a test's process group."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def counting_allreduce(calls: list):
+    """A DDP comm hook that averages as DDP does and appends to ``calls`` per all-reduce."""
+    def hook(state, bucket):
+        import torch.distributed as dist
+
+        calls.append(1)
+        tensor = bucket.buffer().div_(dist.get_world_size())
+        return dist.all_reduce(tensor, async_op=True).get_future().then(lambda f: f.value()[0])
+
+    return hook

@@ -6,12 +6,11 @@ import copy
 import math
 import os
 import pickle
-import socket
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import nano
+from helpers import free_port, nano
 from torch import nn
 
 from nfdet.modeling import GammaAct, ScaledStdConv2d, build_nfnet
@@ -441,12 +440,6 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str, init_path: 
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_agc_ddp_two_processes_match_single_process(tmp_path):
     import torch.multiprocessing as mp
 
@@ -454,7 +447,7 @@ def test_agc_ddp_two_processes_match_single_process(tmp_path):
     model = _TinyNF()
     init_path = str(tmp_path / "init.pt")
     torch.save(model.state_dict(), init_path)
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path), init_path), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path), init_path), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt")
     r1 = torch.load(tmp_path / "rank1.pt")
     for k in r0["params"]:

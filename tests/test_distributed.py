@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 import torch
-from helpers import REPO, write_flat_shapes
+from helpers import REPO, free_port, write_flat_shapes
 
 from nfdet.distributed import (
     SLURM_DEFAULT_PORT_BASE,
@@ -220,11 +220,7 @@ launch(main, 1)
 
 
 def test_srun_tasks_join_one_group(tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     script = tmp_path / "task.py"
     script.write_text(textwrap.dedent(SLURM_TASK))
     base = {k: v for k, v in os.environ.items()

@@ -8,12 +8,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import quick_pretrain_cfg, write_image_folder
+from helpers import counting_allreduce, free_port, quick_pretrain_cfg, write_image_folder
 
 from nfdet.classification import MixedBatch, PretrainTrainer
 from nfdet.solver import get_agc_stats
@@ -83,12 +82,6 @@ def test_accumulated_micro_batches_equal_one_big_batch(tmp_path):
         accum.run_step(_split(batches[0], 2))
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, port: int, data: str, out: str) -> None:
     import torch.distributed as dist
 
@@ -99,7 +92,7 @@ def _ddp_worker(rank: int, port: int, data: str, out: str) -> None:
         trainer = PretrainTrainer(_cfg(Path(data), Path(out) / f"rank{rank}",
                                        "SOLVER.ACCUM_STEPS", "2"))
         reduced = []
-        trainer.ddp_model.register_comm_hook(None, _counting_allreduce(reduced))
+        trainer.ddp_model.register_comm_hook(None, counting_allreduce(reduced))
         before_second = []
         fractions = []
         for step, batch in enumerate(_batches(3)):
@@ -125,23 +118,12 @@ def _ddp_worker(rank: int, port: int, data: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _counting_allreduce(calls: list):
-    def hook(state, bucket):
-        import torch.distributed as dist
-
-        calls.append(1)
-        tensor = bucket.buffer().div_(dist.get_world_size())
-        return dist.all_reduce(tensor, async_op=True).get_future().then(lambda f: f.value()[0])
-
-    return hook
-
-
 @pytest.mark.slow
 def test_accumulation_under_two_process_gloo_ddp(tmp_path):
     import torch.multiprocessing as mp
 
     data = _folder(tmp_path / "data")
-    mp.spawn(_ddp_worker, args=(_free_port(), str(data), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(free_port(), str(data), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     for part in ("model", "ema"):
         for key, value in r0[part].items():

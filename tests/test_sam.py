@@ -14,13 +14,12 @@ import copy
 import json
 import math
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import quick_pretrain_cfg, write_image_folder
+from helpers import counting_allreduce, free_port, quick_pretrain_cfg, write_image_folder
 
 from nfdet.classification import MixedBatch, PretrainTrainer
 from nfdet.classification.config import load_pretrain_cfg
@@ -384,12 +383,6 @@ def test_resume_with_sam_is_exact(tmp_path):
 
 
 # ------------------------------------------------------------------------- 2 processes, gloo
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, port: int, data: str, out: str) -> None:
     import torch.distributed as dist
 
@@ -404,7 +397,7 @@ def _ddp_worker(rank: int, port: int, data: str, out: str) -> None:
         initial = {"model": copy.deepcopy(trainer.model.state_dict()),
                    "ema": copy.deepcopy(trainer.ema.module.state_dict())}
         reduced: list[int] = []
-        trainer.ddp_model.register_comm_hook(None, _counting_allreduce(reduced))
+        trainer.ddp_model.register_comm_hook(None, counting_allreduce(reduced))
         # Watch (not replace) the perturbation: the all-reduces so far and the ascent gradient.
         seen = []
         perturb = engine.sam_perturb_
@@ -432,17 +425,6 @@ def _ddp_worker(rank: int, port: int, data: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _counting_allreduce(calls: list):
-    def hook(state, bucket):
-        import torch.distributed as dist
-
-        calls.append(1)
-        tensor = bucket.buffer().div_(dist.get_world_size())
-        return dist.all_reduce(tensor, async_op=True).get_future().then(lambda f: f.value()[0])
-
-    return hook
-
-
 @pytest.mark.slow
 def test_two_process_gloo_sam_perturbs_locally_and_stays_in_sync(tmp_path):
     """2 gloo processes, 2 micro-batches each: nothing is all-reduced before the perturbation;
@@ -452,7 +434,7 @@ def test_two_process_gloo_sam_perturbs_locally_and_stays_in_sync(tmp_path):
     import torch.multiprocessing as mp
 
     data = _folder(tmp_path / "data")
-    mp.spawn(_ddp_worker, args=(_free_port(), str(data), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(free_port(), str(data), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for part in ("model", "ema"):
         for key, value in ranks[0][part].items():
