@@ -629,7 +629,7 @@ def _doc_key_table() -> list[tuple[str, str, str]]:
 
 
 def test_timm_key_statement_matches_timm():
-    timm = pytest.importorskip("timm")
+    timm = pytest.importorskip("timm", reason="the statement is about timm (test extra)")
     theirs = {k: tuple(v.shape) for k, v in
               timm.create_model("nf_resnet50", pretrained=False).state_dict().items()}
     with torch.device("meta"):
@@ -671,7 +671,7 @@ def test_timm_key_statement_matches_timm():
 
 def test_timm_differences_stated_in_docs_hold():
     """The functional differences docs/nf_resnet.md lists, read off timm's model."""
-    timm = pytest.importorskip("timm")
+    timm = pytest.importorskip("timm", reason="the statement is about timm (test extra)")
     model = timm.create_model("nf_resnet50", pretrained=False)
     assert isinstance(model.stem.pool, nn.MaxPool2d) and model.stem.pool.padding == 1
     assert model.stem.conv.padding == (3, 3)  # symmetric, not SAME
